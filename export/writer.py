@@ -1,0 +1,169 @@
+"""Write a model package: graph, weights, tokenizer, configs and manifest, atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edge_qwen.export.builder import build_graph, io_names
+from edge_qwen.export.checkpoint import Checkpoint
+from edge_qwen.export.graph import Graph, op_counts, save_model
+from edge_qwen.export.options import ExportOptions
+from tqdm.auto import tqdm
+
+from edge_qwen import __version__
+from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+log = logging.getLogger(__name__)
+
+# Qwen2.5 chat ends a turn with <|im_end|>, while its tokenizer config names <|endoftext|> as eos:
+# both must stop generation, whatever a checkpoint's configs say.
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def write_package(
+    ckpt: Checkpoint, out: Path, opts: ExportOptions, overwrite: bool = False, show_progress: bool = True
+) -> Path:
+    """Export `ckpt` into the folder `out`; nothing appears at `out` unless the export completes."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists: choose another folder or pass --overwrite")
+    opts = opts.for_model(ckpt.config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write_contents(ckpt, tmp, opts, show_progress)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_contents(ckpt: Checkpoint, root: Path, opts: ExportOptions, show_progress: bool) -> None:
+    steps = ckpt.config.num_hidden_layers + 1
+    with (
+        tqdm(total=steps, desc="export", unit="step", disable=not show_progress) as bar,
+        open(root / "model.onnx.data", "wb") as data,
+    ):
+        graph = Graph(data, "model.onnx.data")
+
+        def progress(what: str) -> None:
+            bar.set_postfix_str(what)
+            if what != "layer 0":
+                bar.update(1)
+
+        build_graph(graph, ckpt, opts, progress)
+        bar.update(1)
+    model = graph.to_model("edge_qwen_qwen2")
+    save_model(model, root / "model.onnx")
+    tok = ckpt.tokenizer
+    (root / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
+    stop_ids = stop_token_ids(tok.tokenizer_json, tok.tokenizer_config, tok.generation_config)
+    _write_json(root / "tokenizer_config.json", tok.tokenizer_config)
+    _write_json(root / "config.json", ckpt.config.to_hf())
+    _write_json(root / "generation_config.json", {**(tok.generation_config or {}), "eos_token_id": stop_ids})
+    _write_json(root / "genai_config.json", genai_config(ckpt, opts, stop_ids))
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(root.iterdir())}
+    names = io_names(ckpt.config)
+    _write_json(
+        root / MANIFEST,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tool": f"edge-qwen {__version__}",
+            "config": ckpt.config.to_dict(),
+            "precision": opts.precision,
+            "quantization": None,
+            "max_context": opts.max_context,
+            "logits": opts.logits,
+            "io": names,
+            "op_counts": dict(sorted(op_counts(model).items())),
+            "stop_token_ids": stop_ids,
+            "source": {"path": ckpt.source, "sha256": ckpt.source_sha256},
+            "files": files,
+        },
+    )
+
+
+def stop_token_ids(
+    tokenizer_json: str, tokenizer_config: dict[str, Any], generation_config: dict[str, Any] | None
+) -> list[int]:
+    """Every id that ends generation: configured eos ids plus Qwen's turn and text terminators."""
+    vocab = {t["content"]: t["id"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
+    ids: list[int] = []
+    configured = (generation_config or {}).get("eos_token_id")
+    ids += configured if isinstance(configured, list) else [configured] if configured is not None else []
+    eos = tokenizer_config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    for token in (eos, *STOP_TOKENS):
+        if token in vocab:
+            ids.append(vocab[token])
+    return sorted(set(ids))
+
+
+def genai_config(ckpt: Checkpoint, opts: ExportOptions, stop_ids: list[int]) -> dict[str, Any]:
+    """onnxruntime-genai's config for the same graph, so C#, Java and C++ apps can run the package."""
+    cfg = ckpt.config
+    inputs = {
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+    }
+    outputs = {
+        "logits": "logits",
+        "present_key_names": "present.%d.key",
+        "present_value_names": "present.%d.value",
+    }
+    return {
+        "model": {
+            "type": "qwen2",
+            "bos_token_id": stop_ids[0],
+            "eos_token_id": stop_ids,
+            "pad_token_id": stop_ids[-1],
+            "vocab_size": cfg.vocab_size,
+            "context_length": opts.max_context,
+            "decoder": {
+                "filename": "model.onnx",
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+                "inputs": inputs,
+                "outputs": outputs,
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": opts.max_context,
+            "num_beams": 1,
+            "past_present_share_buffer": False,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` (overwrite) is moved aside first and removed after."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
