@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from edge_qwen.export.checkpoint import Checkpoint
-from edge_qwen.export.graph import MS_DOMAIN, Graph
-from edge_qwen.export.options import ExportOptions
 from onnx import TensorProto
 
 from edge_qwen.config import QwenConfig
+from edge_qwen.export.checkpoint import Checkpoint
+from edge_qwen.export.graph import MS_DOMAIN, Graph
+from edge_qwen.export.options import ExportOptions
 
 INT64_MAX = np.iinfo(np.int64).max
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
 
 from edge_qwen.config import QwenConfig
+from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
 
 # safetensors dtype tag -> (numpy dtype of the stored bits, itemsize). bf16 has no numpy dtype: its
 # bits are read as uint16 and widened to float32 by a shift (bf16 is the top half of a float32).

@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from edge_qwen import __version__
 from edge_qwen.export.builder import build_graph, io_names
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts, save_model
 from edge_qwen.export.options import ExportOptions
-from tqdm.auto import tqdm
-
-from edge_qwen import __version__
 from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_qwen.export import writer
-from edge_qwen.export.hf_reader import read_hf_folder
 
 import edge_qwen
 from edge_qwen.config import QwenConfig
 from edge_qwen.errors import PackageError
+from edge_qwen.export import writer
+from edge_qwen.export.hf_reader import read_hf_folder
 from edge_qwen.package import read_manifest
 from tests.conftest import TinyModel, export_tiny
 
