@@ -10,6 +10,10 @@ from typing import Any
 
 import click
 
+from edge_qwen.apps import catalog_cmds
+from edge_qwen.apps.bench_cmd import bench
+from edge_qwen.apps.chat import chat
+from edge_qwen.apps.quality_cmds import evaluate_cmd, export
 from edge_qwen.errors import EdgeQwenError
 
 # Errors a user can act on become one line on stderr and exit 1; anything else is a bug and keeps
@@ -34,49 +38,18 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.argument("source")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option(
-    "--max-context",
-    type=int,
-    default=None,
-    help="Context of the package [default: 4096, or less if the model's own maximum is smaller].",
-)
-@click.option(
-    "--logits",
-    type=click.Choice(["last", "all"]),
-    default="last",
-    show_default=True,
-    help="'all' keeps every position's logits, for evaluation.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(
-    source: str, out: Path, precision: str, max_context: int | None, logits: str, overwrite: bool
-) -> None:
-    """Export a Qwen2 checkpoint (Hugging Face folder) to a model package OUT."""
-    try:
-        from edge_qwen.export.options import ExportOptions
-        from edge_qwen.export.readers import read_checkpoint
-        from edge_qwen.export.writer import write_package
-    except ImportError as e:
-        raise click.ClickException(
-            f"exporting needs the export extra ({e.name} is missing): pip install 'edge-qwen[export]'"
-        ) from None
-    opts = ExportOptions(precision=precision, max_context=max_context, logits=logits)
-    ckpt = read_checkpoint(source)
-    write_package(ckpt, out, opts, overwrite=overwrite)
-    click.echo(f"exported {out} ({_size(out) / 1e6:.0f} MB)", err=True)
-
-
-@cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 disables.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="0 disables.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 disables.")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True)
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop at this text (not printed); repeatable.")
 @click.option(
     "--chat/--raw",
     default=True,
@@ -84,56 +57,66 @@ def export(
     help="Wrap PROMPT in the model's chat template, or feed it as is.",
 )
 @click.option("--system", default=None, help="System message (chat mode).")
+@click.option("--provider", default="cpu", show_default=True, help="cpu, xnnpack, qnn, nnapi, coreml.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
 def generate(
     model: Path,
     prompt: str,
-    max_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int | None,
     chat: bool,
     system: str | None,
+    provider: str,
     threads: int | None,
+    **options: Any,
 ) -> None:
     """Generate a completion of PROMPT; prints only the completion to stdout."""
     import edge_qwen
 
-    m = edge_qwen.load(model, threads=threads)
-    for piece in m.stream(
-        prompt,
-        max_tokens=max_tokens,
-        chat=chat,
-        system=system,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-    ):
+    config = edge_qwen.GenerationConfig(**options)  # bad values fail before the model loads
+    m = edge_qwen.load(model, provider=provider, threads=threads)
+    for piece in m.stream(prompt, config, chat=chat, system=system):
         sys.stdout.write(piece.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     logging.getLogger(__name__).info(
-        "%d prompt tokens, %d generated, prefill %.2f s, decode %.1f tok/s",
+        "%d prompt tokens, %d generated, prefill %.2f s, decode %.1f tok/s, finish: %s",
         piece.prompt_tokens,
         piece.generated_tokens,
         piece.prefill_seconds,
         piece.decode_tokens_per_second,
+        piece.finish_reason,
     )
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def info(model: Path, as_json: bool) -> None:
-    """Show a package's manifest, file sizes and operator counts."""
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option(
+    "--providers", is_flag=True, help="List the execution providers this machine's onnxruntime offers."
+)
+def info(model: Path | None, as_json: bool, providers: bool) -> None:
+    """Show a package's manifest, file sizes and operator counts, and/or the execution providers."""
+    if model is None and not providers:
+        raise click.UsageError("MODEL is required (or pass --providers)")
+    if as_json:
+        from edge_qwen.package import read_manifest
+
+        package = read_manifest(model).raw if model is not None else None
+        found = _providers_info() if providers else None
+        out = (
+            package if not providers else found if model is None else {"package": package, "providers": found}
+        )
+        click.echo(json.dumps(out, indent=2))
+        return
+    if model is not None:
+        _echo_package(model)
+    if providers:
+        _echo_providers()
+
+
+def _echo_package(model: Path) -> None:
     from edge_qwen.package import read_manifest
 
     manifest = read_manifest(model)
-    if as_json:
-        click.echo(json.dumps(manifest.raw, indent=2))
-        return
     cfg = manifest.config
     raw = manifest.raw
     click.echo(f"package     {model}")
@@ -154,6 +137,39 @@ def info(model: Path, as_json: bool) -> None:
     click.echo("operators")
     for op, count in sorted(raw.get("op_counts", {}).items(), key=lambda kv: -kv[1]):
         click.echo(f"  {op:<34} {count:>5}")
+
+
+def _providers_info() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from edge_qwen.providers import PROVIDERS, available_providers, physical_cores, short_name
+
+    available = available_providers()
+    return {
+        "onnxruntime": ort.__version__,
+        "available": [{"name": name, "short_name": short_name(name)} for name in available],
+        "missing": [short for short, name in PROVIDERS.items() if name not in available],
+        "default_threads": physical_cores(),
+    }
+
+
+def _echo_providers() -> None:
+    found = _providers_info()
+    click.echo(
+        f"providers   onnxruntime {found['onnxruntime']}, {found['default_threads']} threads by default"
+    )
+    for provider in found["available"]:
+        click.echo(f"  {provider['short_name'] or '-':<10} {provider['name']}")
+    if found["missing"]:
+        click.echo(f"  not in this onnxruntime: {', '.join(found['missing'])} (they fall back to cpu)")
+
+
+cli.add_command(chat)
+cli.add_command(export)
+cli.add_command(catalog_cmds.pull)
+cli.add_command(catalog_cmds.models)
+cli.add_command(evaluate_cmd)
+cli.add_command(bench)
 
 
 def _size(folder: Path) -> int:

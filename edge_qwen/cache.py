@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 
 from edge_qwen.config import QwenConfig
 from edge_qwen.errors import ContextFullError
 
+log = logging.getLogger(__name__)
+
+# The default cache may take at most this share of the memory available when it is made: the rest
+# stays for the weights' pages, activations and the other programs on a small device.
+CACHE_MEMORY_SHARE = 0.5
+
 
 class KVCache:
     """Keys and values for one sequence, written in place by GroupQueryAttention.
 
     Each layer's past input and present output are bound to the same OrtValue, so the graph appends
-    the new positions into the buffer and a decode step copies no cache. `length` counts the valid
-    positions; trimming only moves it back (positions past it are overwritten by the next step).
+    the new positions into the buffer and a decode step copies no cache. `tokens` are the ids whose
+    positions the cache holds (`length` of them); trimming only moves the end back, and positions
+    past it are overwritten by the next run.
     """
 
     def __init__(self, config: QwenConfig, max_len: int, dtype: type = np.float32) -> None:
+        if max_len < 1:
+            raise ValueError(f"a KV cache needs room for at least one token, got max_len={max_len}")
         shape = (
             1,
             config.num_key_value_heads,
@@ -25,13 +39,18 @@ class KVCache:
             config.head_dim,
         )  # (batch, kv_heads, max_len, head_dim)
         self.max_len = max_len
-        self.length = 0
+        self.tokens: list[int] = []
         self.layers: list[tuple[np.ndarray, np.ndarray]] = [
             (np.zeros(shape, dtype), np.zeros(shape, dtype)) for _ in range(config.num_hidden_layers)
         ]
         self._values = [
             (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)) for k, v in self.layers
         ]
+
+    @property
+    def length(self) -> int:
+        """How many positions the cache holds."""
+        return len(self.tokens)
 
     @property
     def nbytes(self) -> int:
@@ -52,14 +71,75 @@ class KVCache:
                 "(use a shorter prompt, fewer max_tokens, or a larger max_context)"
             )
 
-    def advance(self, n: int) -> None:
-        self.length += n
+    def append(self, ids: Sequence[int] | np.ndarray) -> None:
+        """Record that the graph has just written the positions of `ids` after the cached ones."""
+        self.tokens.extend(int(i) for i in ids)
 
     def trim(self, length: int) -> None:
         """Rewind to `length` cached positions."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot trim a cache of length {self.length} to {length}")
-        self.length = length
+        del self.tokens[length:]
 
     def reset(self) -> None:
-        self.length = 0
+        self.tokens.clear()
+
+    def rewind_to(self, ids: Sequence[int]) -> int:
+        """Trim to the longest prefix the cache shares with `ids`, keeping at least one id to run.
+
+        Returns how many positions are kept (reused): only `ids[kept:]` need to run next. The last id
+        always runs, since its logits pick the next token.
+        """
+        kept = min(common_prefix_len(self.tokens, ids), len(ids) - 1)
+        self.trim(max(kept, 0))
+        return max(kept, 0)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def kv_bytes_per_token(config: QwenConfig, dtype: type = np.float32) -> int:
+    """Bytes of keys and values one position takes over all layers."""
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * np.dtype(dtype).itemsize
+    return per_layer * config.num_hidden_layers
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations, or None when the system does not say."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform names these
+        return None
+
+
+def default_cache_len(config: QwenConfig, max_context: int) -> int:
+    """The package's max context, capped (with a warning) so the cache fits in available memory."""
+    available = available_memory()
+    if available is None:
+        return max_context
+    per_token = kv_bytes_per_token(config)
+    fits = int(available * CACHE_MEMORY_SHARE) // per_token
+    if fits >= max_context:
+        return max_context
+    if fits < 1:
+        raise ContextFullError(f"only {available / 1e6:.0f} MB of memory available: no room for a KV cache")
+    log.warning(
+        "a KV cache of %d tokens needs %.0f MB, more than half of the %.0f MB available: "
+        "capping the context at %d tokens (pass max_context to choose)",
+        max_context,
+        max_context * per_token / 1e6,
+        available / 1e6,
+        fits,
+    )
+    return fits

@@ -1,56 +1,54 @@
-"""Load a model package and run it: prefill, decode steps, streaming text."""
+"""Load a model package and run it: prefill, decode steps, streaming text, chat sessions."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edge_qwen.cache import KVCache
+from edge_qwen.cache import KVCache, default_cache_len
 from edge_qwen.chat_template import ChatTemplate
-from edge_qwen.detokenize import StreamDecoder
-from edge_qwen.errors import PackageError
+from edge_qwen.errors import ContextFullError, PackageError
+from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
 from edge_qwen.package import Manifest, read_manifest
-from edge_qwen.sampling import Sampler, make_sampler
+from edge_qwen.providers import session_options, session_providers
+from edge_qwen.sampling import Sampler
+from edge_qwen.session import ChatSession
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # tokens per prefill run: bounds activation memory for long prompts
 
+__all__ = ["PREFILL_CHUNK", "Model", "StreamPiece", "load"]
 
-@dataclass(frozen=True)
-class StreamPiece:
-    """One step of `Model.stream`: new text (possibly empty) and where generation stands."""
-
-    text: str
-    token_id: int | None
-    prompt_tokens: int
-    generated_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    finish_reason: str | None = None  # None while generating, then "stop" or "length"
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+Prompt = str | Sequence[Mapping[str, Any]]
+# A Sampler, or any (logits, history) -> token id callable (tests script tokens with one).
+TokenPicker = Sampler | Callable[[np.ndarray, list[int]], int]
+T = TypeVar("T")
 
 
 class Model:
-    """A loaded package: ONNX Runtime session, tokenizer, chat template and stop ids."""
+    """A loaded package: ONNX Runtime session, tokenizer, chat template and stop ids.
+
+    Thread safety: generations are serialized. `stream`, `generate` and chat turns hold the model's
+    lock from their first piece to their last (or until the stream is closed), so threads sharing a
+    Model take turns and get what they would get alone.
+    """
 
     def __init__(self, path: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
         self.path = path
         self.manifest = manifest
         self.config = manifest.config
         self.session = session
+        self.providers: list[str] = list(session.get_providers())
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer_config: dict[str, Any] = _read_json(path / "tokenizer_config.json")
         template = self.tokenizer_config.get("chat_template")
@@ -64,15 +62,20 @@ class Model:
             else None
         )
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
-        self._lock = threading.Lock()  # one generation at a time per Model: see README "Threads"
+        self._lock = _GenerationLock()
 
     # -- tokens -----------------------------------------------------------------------------------
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
-        """A fresh KV cache for one sequence, up to `max_context` (default: the package's)."""
-        n = max_context or self.manifest.max_context
-        if not 1 <= n <= self.manifest.max_context:
-            raise ValueError(f"max_context must be in [1, {self.manifest.max_context}], got {n}")
+        """A fresh KV cache for one sequence, up to `max_context` tokens.
+
+        The default is the package's max context, capped (with a logged warning) so that the cache
+        takes at most half the memory available.
+        """
+        limit = self.manifest.max_context
+        n = default_cache_len(self.config, limit) if max_context is None else max_context
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+            raise ValueError(f"max_context must be an integer in [1, {limit}], got {n!r}")
         return KVCache(self.config, n)
 
     def forward(self, ids: Sequence[int] | np.ndarray, cache: KVCache) -> np.ndarray:
@@ -94,31 +97,50 @@ class Model:
         binding.bind_output("logits")  # first, so that it is get_outputs()[0]
         cache.bind(binding)
         self.session.run_with_iobinding(binding)
-        cache.advance(chunk.size)
+        cache.append(chunk)
         logits = binding.get_outputs()[0].numpy()  # (1, 1 | chunk, vocab)
         return logits[0, -1]
 
     def generate_tokens(
-        self, prompt_ids: Sequence[int], sampler: Sampler, max_tokens: int, cache: KVCache | None = None
-    ) -> Iterator[int]:
-        """The step generator: yields each sampled token id, stopping after a stop id or max_tokens."""
+        self,
+        prompt_ids: Sequence[int],
+        sampler: TokenPicker,
+        max_tokens: int,
+        cache: KVCache | None = None,
+        stop_ids: Collection[int] | None = None,
+    ) -> Generator[int, None, None]:
+        """The step generator: yields each sampled token id, stopping after a stop id or max_tokens.
+
+        `prompt_ids` is the whole sequence so far. A given cache is first rewound to the longest
+        prefix it shares with them, so only the rest is prefilled. The last sampled token is not run
+        (nothing needs its logits), so afterwards the cache holds the prompt and all but that token.
+        """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        stop_ids = self.stop_token_ids if stop_ids is None else stop_ids
         cache = cache if cache is not None else self.new_cache()
         history = list(prompt_ids)
-        logits = self.forward(prompt_ids, cache)
+        kept = cache.rewind_to(history)
+        logits = self.forward(history[kept:], cache)
         for step in range(max_tokens):
-            token = sampler(logits, history)
+            if isinstance(sampler, Sampler):
+                token = sampler(logits, history, prompt_len=len(prompt_ids))
+            else:
+                token = sampler(logits, history)
             history.append(token)
             yield token
-            if token in self.stop_token_ids or step == max_tokens - 1:
+            if token in stop_ids or step == max_tokens - 1:
                 return
             logits = self.forward([token], cache)
 
     # -- text -------------------------------------------------------------------------------------
 
     def encode_prompt(
-        self, prompt: str | Sequence[Mapping[str, Any]], chat: bool = True, system: str | None = None
+        self,
+        prompt: Prompt,
+        chat: bool = True,
+        system: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids for a prompt: a chat (rendered with the model's template) or raw text."""
         if isinstance(prompt, str) and not chat:
@@ -129,7 +151,7 @@ class Model:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             if system is not None:
                 messages = [{"role": "system", "content": system}, *messages]
-            text = self.chat_template.render(messages, add_generation_prompt=True)
+            text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ValueError("the prompt is empty")
@@ -137,68 +159,127 @@ class Model:
 
     def stream(
         self,
-        prompt: str | Sequence[Mapping[str, Any]],
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
         *,
-        max_tokens: int = 256,
         chat: bool = True,
         system: str | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+        **options: Any,
     ) -> Iterator[StreamPiece]:
-        """Generate from a prompt, yielding text pieces as they become complete UTF-8."""
-        sampler = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        """Generate from a prompt, yielding one piece per token with the text it completes.
+
+        `options` are GenerationConfig fields (max_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_ids) and override
+        `config`. Options and the prompt are checked here, before the first piece.
+        """
+        config = GenerationConfig.of(config, options)
         prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
-        with self._lock:
-            yield from self._stream_ids(prompt_ids, sampler, max_tokens)
+        check_context(len(prompt_ids), config.max_tokens, self.manifest.max_context)
+        return self.serialized(self._one_shot(prompt_ids, config))
 
-    def _stream_ids(self, prompt_ids: list[int], sampler: Sampler, max_tokens: int) -> Iterator[StreamPiece]:
-        decoder = StreamDecoder(self.tokenizer)
-        start = time.perf_counter()
-        first_token_at = start
-        for n, token in enumerate(self.generate_tokens(prompt_ids, sampler, max_tokens), start=1):
-            now = time.perf_counter()
-            if n == 1:
-                first_token_at = now
-            stopped = token in self.stop_token_ids
-            finish = "stop" if stopped else "length" if n == max_tokens else None
-            text = "" if stopped else decoder.push(token)
-            if finish is not None:
-                text += decoder.flush()
-            yield StreamPiece(
-                text, token, len(prompt_ids), n, first_token_at - start, now - first_token_at, finish
+    def _one_shot(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[StreamPiece]:
+        cache = KVCache(self.config, len(prompt_ids) + config.max_tokens)  # all this generation needs
+        yield from stream_pieces(self, prompt_ids, cache, config)
+
+    def generate(self, prompt: Prompt, config: GenerationConfig | None = None, **options: Any) -> str:
+        """Generate and return the whole completion (without stop ids or stop strings)."""
+        return "".join(piece.text for piece in self.stream(prompt, config, **options))
+
+    def chat(
+        self,
+        system: str | None = None,
+        config: GenerationConfig | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        max_context: int | None = None,
+        overflow: str = "error",
+        **options: Any,
+    ) -> ChatSession:
+        """A chat session with its own KV cache, kept between turns; `options` are per-turn defaults."""
+        return ChatSession(
+            self,
+            system,
+            GenerationConfig.of(config, options),
+            cache=self.new_cache(max_context),
+            overflow=overflow,
+            tools=tools,
+        )
+
+    def serialized(self, pieces: Iterator[T]) -> Iterator[T]:
+        """Run a generator under the model's lock, from its first item to its end or its close()."""
+        with self._lock.held():
+            for piece in pieces:
+                yield piece
+                self._lock.claim()  # the consumer may resume us from another thread
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context: int, fix: str = "") -> None:
+    """Raise ContextFullError naming the numbers when prompt + max_tokens exceed the context."""
+    fix = fix or "shorten the prompt or lower max_tokens"
+    if prompt_tokens >= context:
+        raise ContextFullError(
+            f"the prompt is {prompt_tokens} tokens, longer than the context of {context} tokens: {fix}"
+        )
+    if prompt_tokens + max_tokens > context:
+        raise ContextFullError(
+            f"the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{prompt_tokens + max_tokens} > the context of {context} tokens: {fix}"
+        )
+
+
+class _GenerationLock:
+    """A lock held through a whole generation; re-entering it from the holding thread is an error."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if self._owner == threading.get_ident():
+            # Waiting would never end: this thread is the one that must finish the other stream.
+            raise RuntimeError(
+                "this thread is already consuming a generation of this Model: finish or close() that "
+                "stream before starting another (or use a second thread, which waits its turn)"
             )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
-    def generate(self, prompt: str | Sequence[Mapping[str, Any]], **options: Any) -> str:
-        """Generate and return the whole completion (the stop token is not included)."""
-        return "".join(piece.text for piece in self.stream(prompt, **options))
+    def claim(self) -> None:
+        self._owner = threading.get_ident()
 
 
-def load(path: str | Path, provider: str = "cpu", threads: int | None = None) -> Model:
-    """Load a model package folder, checking its manifest and files first."""
+def load(
+    path: str | Path,
+    provider: str = "cpu",
+    provider_options: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    strict: bool = False,
+) -> Model:
+    """Load a model package folder, checking its manifest and files first.
+
+    `provider`: cpu, xnnpack, qnn, nnapi, coreml or an ONNX Runtime name. One the installed
+    onnxruntime lacks falls back to the CPU with a warning, or raises when `strict`. `threads`
+    defaults to the physical core count.
+    """
+    options = session_options(threads)  # bad options fail first, before any file is read
+    providers = session_providers(provider, provider_options, strict, options.intra_op_num_threads)
     root = Path(path)
     manifest = read_manifest(root)
-    if provider != "cpu":
-        raise ValueError(f"unknown provider {provider!r}: this version runs on 'cpu'")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(root / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(root / "model.onnx"), options, providers=providers)
     except Exception as e:  # ONNX Runtime raises its own exception types for bad graphs
-        raise PackageError(
-            f"{root}: ONNX Runtime could not load model.onnx ({e}); re-export the model"
-        ) from e
+        on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
+        fix = "re-export the model" if on_cpu else f"provider {provider!r} may not run it: try provider='cpu'"
+        raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     return Model(root, manifest, session)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

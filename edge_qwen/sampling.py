@@ -19,8 +19,13 @@ import numpy as np
 # How many of the most likely tokens top-p sorts first; real next-token distributions put nearly all
 # their mass in far fewer, so the exact fallback below runs only for almost flat distributions.
 TOP_P_CANDIDATES = 1024
+# Logit gaps below the best token (e^-gap times as likely) within which top-k and top-p look first.
+TOP_GAPS = (4.0, 8.0, 16.0)
 
 NEG_INF = np.float32(-np.inf)
+
+# Tokens per block when drawing from the cumulative distribution (see `_draw`).
+DRAW_BLOCK = 1024
 
 LogitsStep = Callable[[np.ndarray], np.ndarray]
 
@@ -32,10 +37,20 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """Keep the k largest logits (and any tied with the k-th), mask the rest; k=0 keeps all."""
-    alive = logits[logits > -np.inf]  # partitioning many equal -inf is slow
-    if k <= 0 or k >= alive.size:
+    if k <= 0:
         return logits
-    kth = np.partition(alive, alive.size - k)[alive.size - k]
+    # The k-th largest of the whole row is the k-th largest of any top slice holding k or more, and
+    # a slice near the best token is far cheaper to partition than the vocabulary.
+    best = np.max(logits)
+    for gap in TOP_GAPS:
+        candidates = logits[logits >= best - np.float32(gap)]
+        if candidates.size >= k:
+            break
+    else:
+        candidates = logits[logits > -np.inf]  # partitioning many equal -inf is slow
+        if k >= candidates.size:
+            return logits
+    kth = np.partition(candidates, candidates.size - k)[candidates.size - k]
     return np.where(logits >= kth, logits, NEG_INF)
 
 
@@ -47,6 +62,9 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """
     if p >= 1.0:
         return logits
+    if not np.isneginf(logits).any():  # nothing masked yet: no need to gather the finite logits
+        probs = softmax(logits)
+        return np.where(probs >= _top_p_cutoff(logits, probs, p), logits, NEG_INF)
     alive = np.flatnonzero(logits > -np.inf)  # after top-k often only a few
     probs = softmax(logits[alive])
     keep = alive[probs >= _top_p_cutoff(logits[alive], probs, p)]
@@ -57,14 +75,31 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
 
 def _top_p_cutoff(logits: np.ndarray, probs: np.ndarray, p: float) -> np.float32:
     """The probability of the least likely token top-p keeps; probs = softmax(logits), all finite."""
+    # Real distributions hold p of their mass within a few logits of the best token: look there
+    # first, which costs a comparison instead of a partition of the whole vocabulary.
+    best = np.max(logits)
+    for gap in TOP_GAPS:
+        near = probs[logits >= best - np.float32(gap)]
+        if near.size > TOP_P_CANDIDATES:
+            break
+        cutoff = _cutoff_among(near, p)
+        if cutoff is not None:
+            return cutoff
     k = min(TOP_P_CANDIDATES, probs.size)
     # Partition the logits, not the probabilities: softmax keeps their order, and logits rarely
     # tie while underflowed probabilities (exact zeros) would, which makes partitioning slow.
-    top = np.sort(probs[np.argpartition(logits, probs.size - k)[probs.size - k :]])[::-1]
+    top = probs[np.argpartition(logits, probs.size - k)[probs.size - k :]]
+    cutoff = _cutoff_among(top, p)
+    return cutoff if cutoff is not None else _bisect_cutoff(probs, p, upper=np.min(top))
+
+
+def _cutoff_among(candidates: np.ndarray, p: float) -> np.float32 | None:
+    """The top-p cutoff when `candidates` (the most likely tokens' probabilities) reach p, else None."""
+    top = np.sort(candidates)[::-1]
     mass = np.cumsum(top, dtype=np.float64)
-    if mass[-1] >= p:
-        return top[int(np.searchsorted(mass, p))]  # first prefix whose mass reaches p
-    return _bisect_cutoff(probs, p, upper=top[-1])
+    if mass[-1] < p:
+        return None
+    return top[int(np.searchsorted(mass, p))]  # first prefix whose mass reaches p
 
 
 def _bisect_cutoff(probs: np.ndarray, p: float, upper: np.float32) -> np.float32:
@@ -123,19 +158,39 @@ def apply_presence_frequency_penalty(
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities from logits that may hold -inf (at least one must be finite)."""
-    z = np.exp(logits - np.max(logits))
-    return z / np.sum(z, dtype=np.float64).astype(np.float32)
+    # In place on one temporary: fresh 600 KB arrays cost page faults on every token.
+    z = logits - np.max(logits)
+    np.exp(z, out=z)
+    z /= np.sum(z, dtype=np.float64).astype(np.float32)
+    return z
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token id from the softmax over the finite logits, with one uniform from rng."""
-    alive = np.flatnonzero(logits > -np.inf)
-    probs = softmax(logits[alive])
-    cdf = np.cumsum(probs.astype(np.float64))  # 3x faster than cumsum(dtype=float64)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    if i == alive.size:  # the uniform times the total rounded up to the total
-        i = int(np.flatnonzero(probs)[-1])
-    return int(alive[i])
+    weights = logits - np.max(logits)
+    np.exp(weights, out=weights)  # unnormalized probabilities; masked (-inf) tokens get exactly 0
+    return _draw(weights, rng.random())
+
+
+def _draw(weights: np.ndarray, u: float) -> int:
+    """The index i whose cumulative weight first exceeds u times the total.
+
+    A float64 cumulative sum over 151,936 weights costs more than the rest of sampling together, so
+    the sum runs over blocks first and then within the one block the draw falls in.
+    """
+    n_full = weights.size - weights.size % DRAW_BLOCK
+    block_sums = weights[:n_full].reshape(-1, DRAW_BLOCK).sum(axis=1, dtype=np.float64)
+    block_cdf = np.cumsum(np.append(block_sums, np.sum(weights[n_full:], dtype=np.float64)))
+    target = u * block_cdf[-1]
+    b = min(int(np.searchsorted(block_cdf, target, side="right")), block_cdf.size - 1)
+    start = b * DRAW_BLOCK
+    block = weights[start : start + DRAW_BLOCK]
+    before = block_cdf[b - 1] if b > 0 else 0.0
+    i = int(np.searchsorted(before + np.cumsum(block, dtype=np.float64), target, side="right"))
+    if i < block.size and block[i] > 0:
+        return start + i
+    # Rounding put the target past the block's last weight: take the last token with any weight.
+    return int(np.flatnonzero(weights[: start + block.size])[-1])
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ Inputs and outputs follow onnxruntime-genai's decoder convention:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from onnx import TensorProto
@@ -16,9 +17,36 @@ from onnx import TensorProto
 from edge_qwen.config import QwenConfig
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import MS_DOMAIN, Graph
+from edge_qwen.export.linear import QuantizedRef, embedding, linear, tied_lm_head
 from edge_qwen.export.options import ExportOptions
+from edge_qwen.export.recipe import Recipe
 
 INT64_MAX = np.iinfo(np.int64).max
+CALIBRATION_PREFIX = "calibration/"  # graph outputs of linear inputs, in calibration graphs only
+
+
+@dataclass(frozen=True)
+class Build:
+    """What every layer builder needs: the graph, the weights and how to store them."""
+
+    g: Graph
+    ckpt: Checkpoint
+    recipe: Recipe
+    accuracy_level: int
+    calib_stats: Mapping[str, np.ndarray]  # weight name -> X^T X / n (in, in) or its diagonal (in,)
+    calibration: bool  # expose every linear input as a graph output
+
+    def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, prefix: str, layer: int) -> str:
+        cfg = self.ckpt.config
+        scheme = self.recipe.scheme_for(name.rsplit(".", 1)[-1], layer, cfg.num_hidden_layers)
+        if self.calibration:
+            self.g.node("Identity", [x], f"{prefix}/calibration", outputs=[f"{CALIBRATION_PREFIX}{name}"])
+            self.g.output(
+                f"{CALIBRATION_PREFIX}{name}",
+                TensorProto.FLOAT,
+                ["batch_size", "sequence_length", w.shape[1]],
+            )
+        return linear(self.g, x, w, b, scheme, name, prefix, self.accuracy_level, self.calib_stats.get(name))
 
 
 def io_names(config: QwenConfig) -> dict[str, list[str]]:
@@ -29,53 +57,73 @@ def io_names(config: QwenConfig) -> dict[str, list[str]]:
     return {"inputs": ["input_ids", "attention_mask", *past], "outputs": ["logits", *present]}
 
 
-def build_graph(g: Graph, ckpt: Checkpoint, opts: ExportOptions, progress: Callable[[str], None]) -> None:
+def build_graph(
+    g: Graph,
+    ckpt: Checkpoint,
+    opts: ExportOptions,
+    progress: Callable[[str], None],
+    calib_stats: Mapping[str, np.ndarray] | None = None,
+    calibration: bool = False,
+) -> None:
     """Add the whole decoder to `g`, reading one tensor at a time from `ckpt`."""
     cfg = ckpt.config
+    assert opts.max_context is not None, "resolve options with ExportOptions.for_model first"
+    b = Build(g, ckpt, opts.recipe_for(cfg), opts.accuracy_level, calib_stats or {}, calibration)
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
     g.output("logits", TensorProto.FLOAT, ["batch_size", "logits_length", cfg.vocab_size])
     seqlens_k, total_len = attention_lengths(g, mask)
-    assert opts.max_context is not None, "resolve options with ExportOptions.for_model first"
     cos, sin = rotary_caches(g, cfg, opts.max_context)
 
-    embed = ckpt.tensor("model.embed_tokens.weight")  # (vocab, hidden)
-    x = g.op(
-        "Gather",
-        [g.weight("model.embed_tokens.weight", float_weight(embed, opts)), input_ids],
-        "/model/embed_tokens/Gather",
+    progress("embed_tokens")
+    table = ckpt.tensor("model.embed_tokens.weight")  # (vocab, hidden)
+    # A tied matrix is quantized once for both uses, weighted by lm_head's inputs (a lookup has no error
+    # to weight).
+    shared = cfg.tie_word_embeddings and b.recipe.lm_head == b.recipe.embeddings
+    x, vocab_matrix = embedding(
+        g, input_ids, table, b.recipe.embeddings, b.calib_stats.get("lm_head") if shared else None
     )
-    x = to_float32(g, x, opts, "/model/embed_tokens")
     residual = None
     for i in range(cfg.num_hidden_layers):
         progress(f"layer {i}")
         prefix = f"/model/layers.{i}"
         normed, residual = rms_norm(
-            g, x, residual, ckpt, f"model.layers.{i}.input_layernorm", cfg, f"{prefix}/input_layernorm"
+            b, x, residual, f"model.layers.{i}.input_layernorm", f"{prefix}/input_layernorm"
         )
-        x = attention(g, normed, ckpt, cfg, opts, i, seqlens_k, total_len, cos, sin)
+        x = attention(b, normed, i, seqlens_k, total_len, cos, sin)
         normed, residual = rms_norm(
-            g,
-            x,
-            residual,
-            ckpt,
-            f"model.layers.{i}.post_attention_layernorm",
-            cfg,
-            f"{prefix}/post_attention_layernorm",
+            b, x, residual, f"model.layers.{i}.post_attention_layernorm", f"{prefix}/post_attention_layernorm"
         )
-        x = mlp(g, normed, ckpt, opts, i)
-    normed, _ = rms_norm(g, x, residual, ckpt, "model.norm", cfg, "/model/norm")
-    if opts.logits == "last":
-        # (batch, seq, hidden) -> (batch, 1, hidden): the runtime only ever samples the last position.
-        normed = g.op(
-            "Slice",
-            [normed, g.constant([-1]), g.constant([INT64_MAX]), g.constant([1])],
-            "/model/norm/last_position/Slice",
-        )
+        x = mlp(b, normed, i)
+    normed, _ = rms_norm(b, x, residual, "model.norm", "/model/norm")
+    # (batch, seq, hidden) -> (batch, seq - start, hidden). Generation only samples the last position,
+    # so by default the lm_head runs on it alone; an evaluator feeds logits_start = [0] for every one.
+    start = g.overridable("logits_start", np.array([-1 if opts.logits == "last" else 0], np.int64))
+    normed = g.op(
+        "Slice", [normed, start, g.constant([INT64_MAX]), g.constant([1])], "/model/norm/logits/Slice"
+    )
     progress("lm_head")
-    head = embed if cfg.tie_word_embeddings else ckpt.tensor("lm_head.weight")
-    logits = linear(g, normed, head, None, opts, "/lm_head")
+    logits = lm_head(b, normed, table, vocab_matrix)
     g.node("Identity", [logits], "/logits/Identity", outputs=["logits"])
+
+
+def lm_head(b: Build, x: str, table: np.ndarray, vocab_matrix: QuantizedRef | None) -> str:
+    """Tied checkpoints reuse the embedding's quantized matrix when both use the same scheme."""
+    cfg = b.ckpt.config
+    if cfg.tie_word_embeddings and vocab_matrix is not None and b.recipe.lm_head == b.recipe.embeddings:
+        return tied_lm_head(b.g, x, vocab_matrix, b.accuracy_level)
+    head = table if cfg.tie_word_embeddings else b.ckpt.tensor("lm_head.weight")
+    scheme = b.recipe.lm_head
+    if b.calibration:
+        b.g.node("Identity", [x], "/lm_head/calibration", outputs=[f"{CALIBRATION_PREFIX}lm_head"])
+        b.g.output(
+            f"{CALIBRATION_PREFIX}lm_head",
+            TensorProto.FLOAT,
+            ["batch_size", "logits_length", cfg.hidden_size],
+        )
+    return linear(
+        b.g, x, head, None, scheme, "lm_head", "/lm_head", b.accuracy_level, b.calib_stats.get("lm_head")
+    )
 
 
 def attention_lengths(g: Graph, mask: str) -> tuple[str, str]:
@@ -100,17 +148,16 @@ def rotary_caches(g: Graph, cfg: QwenConfig, max_context: int) -> tuple[str, str
     return cos, sin
 
 
-def rms_norm(
-    g: Graph, x: str, residual: str | None, ckpt: Checkpoint, name: str, cfg: QwenConfig, prefix: str
-) -> tuple[str, str]:
+def rms_norm(b: Build, x: str, residual: str | None, name: str, prefix: str) -> tuple[str, str]:
     """RMSNorm of x + residual; returns (normed, new residual). The first norm has no residual yet."""
-    weight = g.weight(f"{name}.weight", ckpt.tensor(f"{name}.weight"))
+    g, eps = b.g, b.ckpt.config.rms_norm_eps
+    weight = g.weight(f"{name}.weight", b.ckpt.tensor(f"{name}.weight"))
     if residual is None:
         normed = g.op(
             "SimplifiedLayerNormalization",
             [x, weight],
             f"{prefix}/SimplifiedLayerNorm",
-            epsilon=cfg.rms_norm_eps,
+            epsilon=eps,
             axis=-1,
             stash_type=1,
         )
@@ -122,29 +169,18 @@ def rms_norm(
         f"{prefix}/SkipLayerNorm",
         outputs=[f"{prefix}/output_0", "", "", f"{prefix}/output_3"],
         domain=MS_DOMAIN,
-        epsilon=cfg.rms_norm_eps,
+        epsilon=eps,
     )
     return outs[0], outs[3]
 
 
-def attention(
-    g: Graph,
-    x: str,
-    ckpt: Checkpoint,
-    cfg: QwenConfig,
-    opts: ExportOptions,
-    i: int,
-    seqlens_k: str,
-    total_len: str,
-    cos: str,
-    sin: str,
-) -> str:
-    #   x -> qkv_proj (one MatMul + bias) -> GroupQueryAttention(rotary, past/present) -> o_proj
-    name = f"model.layers.{i}.self_attn"
-    prefix = f"/model/layers.{i}/attn"
+def attention(b: Build, x: str, i: int, seqlens_k: str, total_len: str, cos: str, sin: str) -> str:
+    #   x -> qkv_proj (one projection + bias) -> GroupQueryAttention(rotary, past/present) -> o_proj
+    g, cfg, ckpt = b.g, b.ckpt.config, b.ckpt
+    name, prefix = f"model.layers.{i}.self_attn", f"/model/layers.{i}/attn"
     qkv_w = np.concatenate([ckpt.tensor(f"{name}.{p}_proj.weight") for p in "qkv"])  # (q + 2 kv, hidden)
     qkv_b = np.concatenate([ckpt.tensor(f"{name}.{p}_proj.bias") for p in "qkv"])
-    qkv = linear(g, x, qkv_w, qkv_b, opts, f"{prefix}/qkv_proj", weight_name=f"{name}.qkv_proj")
+    qkv = b.linear(x, qkv_w, qkv_b, f"{name}.qkv_proj", f"{prefix}/qkv_proj", i)
     kv_shape: list[int | str] = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
     present_shape: list[int | str] = [
         "batch_size",
@@ -169,73 +205,22 @@ def attention(
     )[0]
     for p in present:
         g.output(p, TensorProto.FLOAT, present_shape)
-    return linear(
-        g,
-        out,
-        ckpt.tensor(f"{name}.o_proj.weight"),
-        None,
-        opts,
-        f"{prefix}/o_proj",
-        weight_name=f"{name}.o_proj",
-    )
+    return b.linear(out, ckpt.tensor(f"{name}.o_proj.weight"), None, f"{name}.o_proj", f"{prefix}/o_proj", i)
 
 
-def mlp(g: Graph, x: str, ckpt: Checkpoint, opts: ExportOptions, i: int) -> str:
-    #   x -> gate_up (one MatMul) -> Split -> SiLU(gate) * up -> down
-    name = f"model.layers.{i}.mlp"
-    prefix = f"/model/layers.{i}/mlp"
+def mlp(b: Build, x: str, i: int) -> str:
+    #   x -> gate_up (one projection) -> Split -> SiLU(gate) * up -> down
+    g, ckpt = b.g, b.ckpt
+    name, prefix = f"model.layers.{i}.mlp", f"/model/layers.{i}/mlp"
     gate_w = ckpt.tensor(f"{name}.gate_proj.weight")  # (ffn, hidden)
     up_w = ckpt.tensor(f"{name}.up_proj.weight")
     ffn = gate_w.shape[0]
-    gate_up = linear(
-        g,
-        x,
-        np.concatenate([gate_w, up_w]),
-        None,
-        opts,
-        f"{prefix}/gate_up_proj",
-        weight_name=f"{name}.gate_up_proj",
+    gate_up = b.linear(
+        x, np.concatenate([gate_w, up_w]), None, f"{name}.gate_up_proj", f"{prefix}/gate_up_proj", i
     )
     gate, up = g.node("Split", [gate_up, g.constant([ffn, ffn])], f"{prefix}/Split", outputs=2, axis=-1)
     sigmoid = g.op("Sigmoid", [gate], f"{prefix}/act_fn/Sigmoid")
     silu = g.op("Mul", [gate, sigmoid], f"{prefix}/act_fn/Mul")
     hidden = g.op("Mul", [silu, up], f"{prefix}/Mul")
-    return linear(
-        g,
-        hidden,
-        ckpt.tensor(f"{name}.down_proj.weight"),
-        None,
-        opts,
-        f"{prefix}/down_proj",
-        weight_name=f"{name}.down_proj",
-    )
-
-
-def linear(
-    g: Graph,
-    x: str,
-    w: np.ndarray,
-    b: np.ndarray | None,
-    opts: ExportOptions,
-    prefix: str,
-    weight_name: str | None = None,
-) -> str:
-    """y = x @ w.T + b for a Hugging Face (out, in) weight; no Add node when there is no bias."""
-    name = weight_name or prefix.strip("/").replace("/", ".")
-    weight = g.weight(f"{name}.weight", float_weight(np.ascontiguousarray(w.T), opts))  # (in, out)
-    weight = to_float32(g, weight, opts, f"{prefix}/weight")
-    y = g.op("MatMul", [x, weight], f"{prefix}/MatMul")
-    if b is None:
-        return y
-    return g.op("Add", [y, g.weight(f"{name}.bias", b.astype(np.float32))], f"{prefix}/Add")
-
-
-def float_weight(w: np.ndarray, opts: ExportOptions) -> np.ndarray:
-    return w.astype(np.float16 if opts.precision == "fp16" else np.float32)
-
-
-def to_float32(g: Graph, x: str, opts: ExportOptions, prefix: str) -> str:
-    """fp16 packages store weights in half precision and compute in float32 (see docs/precision.md)."""
-    if opts.precision != "fp16":
-        return x
-    return g.op("Cast", [x], f"{prefix}/Cast", to=TensorProto.FLOAT)
+    down = ckpt.tensor(f"{name}.down_proj.weight")
+    return b.linear(hidden, down, None, f"{name}.down_proj", f"{prefix}/down_proj", i)

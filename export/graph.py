@@ -86,6 +86,32 @@ class Graph:
         self.initializers.append(tensor)
         return name
 
+    def alias(self, name: str, existing: str, like: np.ndarray) -> str:
+        """A second initializer over the bytes of `existing`, with the shape and dtype of `like`.
+
+        A tied embedding and lm_head share one quantized matrix this way: stored once on disk and, as
+        ONNX Runtime maps aligned external data, mapped once in memory.
+        """
+        source = next(t for t in self.initializers if t.name == existing)
+        location = {e.key: e.value for e in source.external_data}
+        if int(location["length"]) != like.nbytes:
+            raise ValueError(f"alias {name}: {like.nbytes} bytes, but {existing} has {location['length']}")
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(like.dtype)
+        tensor.dims.extend(like.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key in ("location", "offset", "length"):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, location[key]
+        self.initializers.append(tensor)
+        return name
+
+    def overridable(self, name: str, default: np.ndarray) -> str:
+        """A small initializer that is also a graph input: a run may feed another value."""
+        self.initializers.append(onnx.numpy_helper.from_array(default, name))
+        return self.input(name, helper.np_dtype_to_tensor_dtype(default.dtype), list(default.shape))
+
     def constant(self, values: list[int] | list[float] | np.ndarray, dtype: type = np.int64) -> str:
         """A small inline initializer, made once per distinct value (like onnxruntime-genai's builder)."""
         array = np.asarray(values, dtype=dtype)

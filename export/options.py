@@ -5,19 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from edge_qwen.config import QwenConfig
+from edge_qwen.export.recipe import Recipe, make_recipe
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LOGITS = ("last", "all")
 DEFAULT_MAX_CONTEXT = 4096
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What to export: precision, context size of the rotary caches, which logits to keep."""
+    """What to export: precision and quantization recipe, context size, which logits to keep."""
 
     precision: str = "fp32"
     max_context: int | None = None  # None: min(DEFAULT_MAX_CONTEXT, the model's own maximum)
     logits: str = "last"
+    block_size: int = 32
+    algo: str = "kquant"
+    symmetric: bool = False
+    embeddings: str | None = None  # None: the recipe's default for this precision
+    lm_head: str | None = None
+    mixed: bool = True  # int4 only: sensitive tensors at int8
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute, the fast path on ARM dotprod and x86 VNNI
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -26,6 +35,46 @@ class ExportOptions:
             raise ValueError(f"logits must be 'last' or 'all', got {self.logits!r}")
         if self.max_context is not None and self.max_context < 16:
             raise ValueError(f"max_context must be >= 16, got {self.max_context}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
+        # Validates block size, algo and per-tensor precisions before any work starts:
+        make_recipe(
+            self.precision,
+            self.block_size,
+            self.symmetric,
+            self.algo,
+            self.embeddings,
+            self.lm_head,
+            self.mixed,
+        )
+
+    @property
+    def recipe(self) -> Recipe:
+        return make_recipe(
+            self.precision,
+            self.block_size,
+            self.symmetric,
+            self.algo,
+            self.embeddings,
+            self.lm_head,
+            self.mixed,
+        )
+
+    def recipe_for(self, config: QwenConfig) -> Recipe:
+        """A tied checkpoint has one vocabulary matrix: it takes lm_head's scheme unless told otherwise."""
+        recipe = self.recipe
+        if config.tie_word_embeddings and self.embeddings is None:
+            return replace(recipe, embeddings=recipe.lm_head)
+        return recipe
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.precision in ("int4", "int8") and self.algo in ("imatrix", "gptq")
+
+    @property
+    def needs_hessians(self) -> bool:
+        """GPTQ needs each layer's whole X^T X; imatrix only its diagonal."""
+        return self.needs_calibration and self.algo == "gptq"
 
     def for_model(self, config: QwenConfig) -> ExportOptions:
         """Resolve the default context and check it against the model's maximum."""
@@ -37,3 +86,15 @@ class ExportOptions:
                 f"max_context {self.max_context} exceeds the model's max_position_embeddings {limit}"
             )
         return self
+
+
+def default_options(precision: str = "int4") -> ExportOptions:
+    """What `edge-qwen pull` and a bare `edge-qwen export` produce for each precision.
+
+    The INT4 default is chosen by measurement: see docs/quantization.md and docs/quality.md.
+    """
+    if precision == "int4":
+        return ExportOptions(precision="int4", algo="imatrix", block_size=32, lm_head="int4")
+    if precision == "int8":
+        return ExportOptions(precision="int8", algo="kquant", block_size=32)
+    return ExportOptions(precision=precision)

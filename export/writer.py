@@ -7,17 +7,21 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from edge_qwen import __version__
 from edge_qwen.export.builder import build_graph, io_names
+from edge_qwen.export.calibrate import collect_statistics
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts, save_model
 from edge_qwen.export.options import ExportOptions
 from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_qwen.quant.texts import Text, builtin_text
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +31,32 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def write_package(
-    ckpt: Checkpoint, out: Path, opts: ExportOptions, overwrite: bool = False, show_progress: bool = True
+    ckpt: Checkpoint,
+    out: Path,
+    opts: ExportOptions,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    calibration: bool = False,
+    calib_stats: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
-    """Export `ckpt` into the folder `out`; nothing appears at `out` unless the export completes."""
+    """Export `ckpt` into the folder `out`; nothing appears at `out` unless the export completes.
+
+    `calibration` exposes every linear input as an extra output (for export/calibrate.py only);
+    `calib_stats` reuses statistics already collected from the built-in calibration text
+    (export/calibrate.py); otherwise they are collected when the algorithm needs them.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists: choose another folder or pass --overwrite")
     opts = opts.for_model(ckpt.config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a package is an ordinary, shareable folder
     try:
-        _write_contents(ckpt, tmp, opts, show_progress)
+        text = builtin_text("calibration") if opts.needs_calibration else None
+        if text and calib_stats is None:
+            calib_stats = collect_statistics(ckpt, text, opts.needs_hessians, tmp, show_progress)
+        _write_contents(ckpt, tmp, opts, show_progress, calib_stats, calibration, text)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -45,20 +64,30 @@ def write_package(
     return out
 
 
-def _write_contents(ckpt: Checkpoint, root: Path, opts: ExportOptions, show_progress: bool) -> None:
-    steps = ckpt.config.num_hidden_layers + 1
+def _write_contents(
+    ckpt: Checkpoint,
+    root: Path,
+    opts: ExportOptions,
+    show_progress: bool,
+    calib_stats: Mapping[str, np.ndarray] | None,
+    calibration: bool,
+    calibration_text: Text | None,
+) -> None:
+    steps = ckpt.config.num_hidden_layers + 2  # embeddings, each layer, lm_head
     with (
         tqdm(total=steps, desc="export", unit="step", disable=not show_progress) as bar,
         open(root / "model.onnx.data", "wb") as data,
     ):
         graph = Graph(data, "model.onnx.data")
+        started = []
 
-        def progress(what: str) -> None:
-            bar.set_postfix_str(what)
-            if what != "layer 0":
+        def progress(what: str) -> None:  # called as each step starts
+            if started:
                 bar.update(1)
+            started.append(what)
+            bar.set_postfix_str(what)
 
-        build_graph(graph, ckpt, opts, progress)
+        build_graph(graph, ckpt, opts, progress, calib_stats, calibration)
         bar.update(1)
     model = graph.to_model("edge_qwen_qwen2")
     save_model(model, root / "model.onnx")
@@ -79,7 +108,11 @@ def _write_contents(ckpt: Checkpoint, root: Path, opts: ExportOptions, show_prog
             "tool": f"edge-qwen {__version__}",
             "config": ckpt.config.to_dict(),
             "precision": opts.precision,
-            "quantization": None,
+            "quantization": {
+                "recipe": opts.recipe_for(ckpt.config).to_dict(),
+                "accuracy_level": opts.accuracy_level,
+                "calibration": calibration_text.describe() if calibration_text else None,
+            },
             "max_context": opts.max_context,
             "logits": opts.logits,
             "io": names,

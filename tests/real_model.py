@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,8 @@ def exported(name: str, *args: str) -> Path:
     """`edge-qwen export` of the real model with extra CLI args, cached by exporter source hash."""
     out = cache_dir() / f"{name}-{exporter_hash()}"
     if not (out / "edge_qwen.json").is_file():
+        for stale in cache_dir().glob(f"{name}-*"):  # exports by an older exporter: ~2 GB each
+            shutil.rmtree(stale, ignore_errors=True)
         cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "export", str(hf_folder()), str(out), *args]
         subprocess.run(cmd, check=True)
     return out

@@ -87,3 +87,61 @@ def test_refused_checkpoint_is_a_one_line_error(tiny: TinyModel, tmp_path: Path)
     (folder / "config.json").write_text(json.dumps(config))
     assert_one_line_error(run("export", str(folder), str(tmp_path / "out")), "LlamaForCausalLM")
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_passes_sampling_options_stop_strings_and_provider(tiny_fp32: Path) -> None:
+    options = {"temperature": 1.0, "seed": 3, "min_p": 0.05, "repetition_penalty": 1.2}
+    options |= {"presence_penalty": 0.3, "frequency_penalty": 0.2, "max_tokens": 16}
+    m = edge_qwen.load(tiny_fp32)
+    full = m.generate("hello", **options)
+    stop = full[3:5]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    result = run(
+        "generate", str(tiny_fp32), "hello", *args, "--stop", stop, "--stop", "never", "--provider", "cpu"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout
+        == m.generate("hello", stop=[stop, "never"], **options) + "\n"
+        == full[: full.find(stop)] + "\n"
+    )
+
+
+def test_generate_on_a_missing_provider_warns_and_runs_on_the_cpu(tiny_fp32: Path) -> None:
+    result = run("generate", str(tiny_fp32), "hello", "--max-tokens", "4", "--provider", "coreml")
+    assert result.returncode == 0, result.stderr
+    assert "provider 'coreml' (CoreMLExecutionProvider) is not in this onnxruntime" in result.stderr
+    assert "running on the CPU" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("--min-p", "2"), ("min_p", "2")),
+        (("--repetition-penalty", "0"), ("repetition_penalty", "0")),
+        (("--presence-penalty", "3"), ("presence_penalty", "3")),
+        (("--stop", ""), ("stop",)),
+        (("--provider", "tpu"), ("unknown provider 'tpu'", "xnnpack")),
+        (("--threads", "0"), ("threads", "0")),
+    ],
+)
+def test_bad_generate_options_are_one_line_errors(args: tuple[str, ...], needles: tuple[str, ...]) -> None:
+    # Options are checked before the package is read: the bad option is what the error names.
+    assert_one_line_error(run("generate", "/nonexistent/pkg", "hi", *args), *needles)
+
+
+def test_info_providers(tiny_fp32: Path) -> None:
+    result = run("info", "--providers")
+    assert result.returncode == 0, result.stderr
+    assert "CPUExecutionProvider" in result.stdout and "cpu" in result.stdout
+    found = json.loads(run("info", "--providers", "--json").stdout)
+    assert {"name": "CPUExecutionProvider", "short_name": "cpu"} in found["available"]
+    assert found["default_threads"] >= 1
+    both = run("info", str(tiny_fp32), "--providers")
+    assert "GroupQueryAttention" in both.stdout and "CPUExecutionProvider" in both.stdout
+    assert_one_line_error(run("info"), "MODEL is required", "--providers")
+
+
+def test_generate_beyond_the_context_is_a_one_line_error_naming_the_numbers(tiny_fp32: Path) -> None:
+    result = run("generate", str(tiny_fp32), "hello", "--max-tokens", "5000")
+    assert_one_line_error(result, "max_tokens (5000)", "> the context of 1024 tokens")

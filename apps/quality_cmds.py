@@ -1,0 +1,150 @@
+"""The `export` and `eval` commands: thin layers over edge_qwen.export and apps/evaluate.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip install 'edge-qwen[export]'"
+
+
+@click.command()
+@click.argument("source")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="int4", show_default=True
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["32", "64", "128"]),
+    default=None,
+    help="Quantization block size (int4/int8) [default: the precision's recipe].",
+)
+@click.option(
+    "--algo",
+    type=click.Choice(["rtn", "kquant", "imatrix", "gptq"]),
+    default=None,
+    help="rtn: round to nearest; kquant: least-squares scale search; imatrix: kquant weighted by "
+    "activations of a built-in calibration text; gptq: error compensation through their Hessian "
+    "[default: the precision's recipe, see docs/quantization.md].",
+)
+@click.option(
+    "--symmetric/--asymmetric",
+    default=None,
+    help="Symmetric weights (no zero points) take ONNX Runtime's fastest ARM kernels (KleidiAI) "
+    "[default: the precision's recipe].",
+)
+@click.option(
+    "--embeddings",
+    type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+    default=None,
+    help="Embedding table precision [default: as the body; tied checkpoints: as lm_head].",
+)
+@click.option(
+    "--lm-head",
+    type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+    default=None,
+    help="lm_head precision [default: the precision's recipe].",
+)
+@click.option(
+    "--mixed/--no-mixed",
+    default=None,
+    help="int4: keep qkv and down_proj of the first and last layers at int8 [default: yes].",
+)
+@click.option(
+    "--max-context",
+    type=int,
+    default=None,
+    help="Context of the package [default: 4096, or less if the model's own maximum is smaller].",
+)
+@click.option(
+    "--logits",
+    type=click.Choice(["last", "all"]),
+    default="last",
+    show_default=True,
+    help="Default logits: the last position (generation) or all (evaluation).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(
+    source: str,
+    out: Path,
+    precision: str,
+    block_size: str | None,
+    algo: str | None,
+    symmetric: bool | None,
+    embeddings: str | None,
+    lm_head: str | None,
+    mixed: bool | None,
+    max_context: int | None,
+    logits: str,
+    overwrite: bool,
+) -> None:
+    """Export a Qwen2 checkpoint (Hugging Face folder or .gguf file) to a model package OUT."""
+    try:
+        from edge_qwen.export.options import default_options
+        from edge_qwen.export.readers import read_checkpoint
+        from edge_qwen.export.writer import write_package
+    except ImportError as e:
+        raise click.ClickException(EXPORT_EXTRA_HINT.format(e.name)) from None
+    given = {
+        "block_size": None if block_size is None else int(block_size),
+        "algo": algo,
+        "symmetric": symmetric,
+        "embeddings": embeddings,
+        "lm_head": lm_head,
+        "mixed": mixed,
+    }
+    opts = replace(
+        default_options(precision),
+        max_context=max_context,
+        logits=logits,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    ckpt = read_checkpoint(source)
+    write_package(ckpt, out, opts, overwrite=overwrite)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    click.echo(f"exported {out} ({size / 1e6:.0f} MB)", err=True)
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The package to compare against (e.g. an fp32 export of the same checkpoint).",
+)
+@click.option(
+    "--text",
+    "text_spec",
+    default="code",
+    show_default=True,
+    help="'code' or 'prose' (built-in, from Python's standard library) or a UTF-8 file.",
+)
+@click.option(
+    "--ctx", type=int, default=512, show_default=True, help="Tokens per chunk; the second half is scored."
+)
+@click.option(
+    "--chunks", type=click.IntRange(min=1), default=16, show_default=True, help="At most this many."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate_cmd(model: Path, reference: Path, text_spec: str, ctx: int, chunks: int, as_json: bool) -> None:
+    """KL divergence, top-1 agreement and perplexity of MODEL against --reference."""
+    from edge_qwen.apps.evaluate import evaluate
+
+    report = evaluate(model, reference, text_spec, ctx, chunks)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"text            {report['text']['name']} ({report['chunks']} chunks of {ctx} tokens)")
+    click.echo(f"tokens scored   {report['tokens_scored']}")
+    click.echo(f"mean KLD        {report['mean_kld']:.5f}")
+    click.echo(f"p99 KLD         {report['p99_kld']:.5f}")
+    click.echo(f"top-1 agreement {100 * report['top1_agreement']:.2f}%")
+    click.echo(
+        f"perplexity      {report['ppl_model']:.4f} vs reference {report['ppl_reference']:.4f} "
+        f"({100 * (report['ppl_ratio'] - 1):+.2f}%)"
+    )

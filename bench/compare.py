@@ -1,0 +1,431 @@
+#!/usr/bin/env python3
+"""edge-qwen against llama.cpp and onnxruntime-genai on the real Qwen2.5-Coder-0.5B-Instruct.
+
+    python bench/compare.py                         # 3 interleaved rounds
+    python bench/compare.py --rounds 1 --curve      # plus our 0.5B / 1.5B / 3B ladder (random weights)
+    python bench/compare.py --curve 0.5B 1.5B --note "quiet machine"
+
+Each round runs every engine once, one after the other (ours, onnxruntime-genai, llama.cpp), each in a
+fresh process, so that drift of a shared machine hits all of them alike. Reported: medians over the
+rounds and, above all, the ratios ours / peer. Ours is `edge-qwen bench PKG --json --repetitions 1`
+on the default INT4 export of the same GGUF the peers use (exported once, kept in the work folder
+and re-exported when `default_options("int4")` changes). Writes bench/results/performance.json, then
+docs/performance.md (bench/perf_doc.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import perf_doc  # bench/ is on sys.path when this runs as a script
+
+from edge_qwen.benchmark import machine_info, package_size
+from edge_qwen.config import QwenConfig
+from edge_qwen.export.calibrate import cached_statistics
+from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
+from edge_qwen.export.options import ExportOptions, default_options
+from edge_qwen.export.readers import read_checkpoint
+from edge_qwen.export.writer import write_package
+from edge_qwen.package import MANIFEST
+from edge_qwen.quant.texts import builtin_text
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PEERS = Path(os.environ.get("EDGE_QWEN_PEERS", Path.home() / ".cache" / "edge-qwen-peers"))
+BENCH_HOME = Path(os.environ.get("EDGE_QWEN_BENCH", Path.home() / ".cache" / "edge-qwen-bench"))
+MODEL = "qwen2.5-coder-0.5b-instruct"
+OURS, GENAI, LLAMA = "edge-qwen", "onnxruntime-genai", "llama.cpp"
+RUN_TIMEOUT = 3600  # seconds for one engine run
+# Issue 6's targets: (name, metric, peer, op, target); a peer of None compares our own value.
+TARGETS: list[tuple[str, str, str | None, str, float | None]] = [
+    ("decode tok/s vs llama.cpp", "decode_tps", LLAMA, ">=", 1.5),
+    ("decode tok/s vs onnxruntime-genai", "decode_tps", GENAI, ">=", 1.6),
+    ("prefill tok/s vs llama.cpp", "prefill_tps", LLAMA, ">=", 1.2),
+    ("prefill tok/s vs onnxruntime-genai", "prefill_tps", GENAI, ">=", 2.0),
+    ("peak RSS vs llama.cpp", "peak_rss_bytes", LLAMA, "<=", 0.8),
+    ("peak RSS vs onnxruntime-genai", "peak_rss_bytes", GENAI, "<=", None),
+    ("TTFT vs llama.cpp", "ttft_s", LLAMA, "<=", None),
+    ("TTFT vs onnxruntime-genai", "ttft_s", GENAI, "<=", None),
+    ("size on disk vs llama.cpp", "size_bytes", LLAMA, "<=", None),
+    ("size on disk vs onnxruntime-genai", "size_bytes", GENAI, "<=", None),
+    ("load time, ours (s)", "load_s", None, "<=", 1.0),
+]
+Metrics = dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    run: Callable[[], Metrics]
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    engines, errors, versions, package = setup_engines(args, work)
+    rounds: dict[str, list[Metrics]] = {e.name: [] for e in engines}
+    for r in range(args.rounds):
+        for engine in engines:
+            print(f"round {r + 1}/{args.rounds}: {engine.name}", file=sys.stderr, flush=True)
+            rounds[engine.name].append(engine.run())
+            print(f"  {json.dumps(rounds[engine.name][-1])}", file=sys.stderr, flush=True)
+    summary = summarize(rounds, errors)
+    curve = run_curve(args, work, package) if args.curve is not None else None
+    data = {
+        "meta": meta(args, versions),
+        "engines": summary,
+        "ratios": ratios(summary),
+        "measured_fraction": summary.get(OURS, {}).get("median", {}).get("bandwidth_fraction"),
+        "curve": curve,
+        "paper": perf_doc.paper(),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=1) + "\n")
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text(perf_doc.render(data))
+    print_summary(data)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ours and llama.cpp")
+    p.add_argument("--curve", nargs="*", choices=list(perf_doc.LADDER), default=None, help="sizes [all]")
+    p.add_argument("--note", default="", help="A sentence for the doc, e.g. what else loaded the machine.")
+    p.add_argument("--work", type=Path, default=BENCH_HOME / "compare")
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "performance.json")
+    p.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
+    args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if args.curve == []:
+        args.curve = list(perf_doc.LADDER)
+    return args
+
+
+# -- engines --------------------------------------------------------------------------------------
+
+
+def setup_engines(
+    args: argparse.Namespace, work: Path
+) -> tuple[list[Engine], dict[str, str], dict[str, str], Path]:
+    """The engines in run order, the peers that failed to set up (name -> reason), versions, our package."""
+    errors: dict[str, str] = {}
+    versions = {"llamacpp": "-", "ortgenai": "-"}
+    llama: tuple[Path, Path] | None = None
+    try:
+        bin_dir, gguf = peer_script("llamacpp_peer.sh").split()
+        llama = Path(bin_dir), Path(gguf)
+    except (RuntimeError, ValueError) as e:
+        errors[LLAMA] = str(e)
+    genai: Path | None = None
+    try:
+        genai = Path(peer_script("ortgenai_peer.sh"))
+        versions["ortgenai"] = genai_version()
+    except RuntimeError as e:
+        errors[GENAI] = str(e)
+    gguf_path = llama[1] if llama else fetch_gguf()
+    package = ensure_package(gguf_path, work / f"{MODEL}-int4", work)
+    engines = [Engine(OURS, lambda: run_ours(package, args, 1))]
+    if genai is not None:
+        engines.append(Engine(GENAI, lambda: run_genai(genai, args)))
+    if llama is not None:
+        versions["llamacpp"] = llama_version(llama[0])
+        engines.append(Engine(LLAMA, lambda: run_llama(*llama, args)))
+    return engines, errors, versions, package
+
+
+def peer_script(name: str) -> str:
+    """Run a ../shared/peers script (each builds once, then answers from its cache); its last line."""
+    out = subprocess.run(["bash", str(SHARED / "peers" / name)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} failed ({out.returncode}): {_tail(out.stderr)}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def fetch_gguf() -> Path:
+    cmd = [sys.executable, str(SHARED / "models" / "fetch_gguf.py"), MODEL]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def run_ours(package: Path, args: argparse.Namespace, repetitions: int) -> Metrics:
+    cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "bench", str(package), "--json"]
+    cmd += ["--repetitions", str(repetitions), "--threads", str(args.threads)]
+    cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+    d = json.loads(run_measured(cmd).stdout)
+    return {
+        "prefill_tps": d["prefill_tokens_per_second"]["median"],
+        "decode_tps": d["decode_tokens_per_second"]["median"],
+        "ttft_s": d["ttft_seconds"]["median"],
+        "load_s": d["load_seconds"]["median"],
+        "peak_rss_bytes": d["peak_rss_bytes"],  # read before its bandwidth probe allocates
+        "size_bytes": d["package_bytes"],
+        "bytes_per_token": d["bytes_per_token"],
+        "achieved_gb_s": d["achieved_bytes_per_second"]["median"] / 1e9,
+        "probe_gb_s": d["memory_bandwidth_bytes_per_second"] / 1e9,
+        "bandwidth_fraction": d["bandwidth_fraction"],
+    }
+
+
+def run_genai(folder: Path, args: argparse.Namespace) -> Metrics:
+    python = PEERS / "genai-venv" / "bin" / "python"
+    script = SHARED / "peers" / "ortgenai_bench.py"
+    done = run_measured(
+        [str(python), str(script), str(folder), str(args.gen_tokens), str(args.prompt_tokens)]
+    )
+    d = json.loads(done.stdout.strip().splitlines()[-1])
+    if d["prompt"] != args.prompt_tokens or d["new"] != args.gen_tokens:
+        raise RuntimeError(f"ortgenai_bench.py ran {d['prompt']} + {d['new']} tokens, not the protocol's")
+    return {
+        "prefill_tps": d["prefill_tps"],
+        "decode_tps": d["decode_tps"],
+        "ttft_s": d["prefill_s"],
+        "load_s": d["load_s"],
+        "peak_rss_bytes": done.peak_rss_bytes,
+        "size_bytes": package_size(folder),
+    }
+
+
+def run_llama(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> Metrics:
+    p, n = args.prompt_tokens, args.gen_tokens
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads)]
+    cmd += ["-p", str(p), "-n", str(n), "-r", "1", "-o", "json"]
+    done = run_measured(cmd)
+    tests = json.loads(done.stdout)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == p and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_prompt"] == 0 and t["n_gen"] == n)
+    return {
+        "prefill_tps": pp,
+        "decode_tps": tg,
+        "ttft_s": p / pp,
+        "load_s": None,  # llama-bench does not report one
+        "peak_rss_bytes": done.peak_rss_bytes,
+        "size_bytes": gguf.stat().st_size,
+    }
+
+
+@dataclass(frozen=True)
+class Finished:
+    stdout: str
+    peak_rss_bytes: int
+
+
+def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT) -> Finished:
+    """Run `cmd` to its end: its stdout and its peak RSS (the kernel's ru_maxrss for it, via wait4)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()))  # type: ignore[union-attr]
+    killer = threading.Timer(timeout, proc.kill)
+    reader.start()
+    killer.start()
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so Popen must not wait again
+    killer.cancel()
+    reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {_tail(''.join(stderr))}")
+    return Finished(stdout, usage.ru_maxrss * 1024)  # Linux reports KiB
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def genai_version() -> str:
+    python = PEERS / "genai-venv" / "bin" / "python"
+    code = "import onnxruntime_genai as g, onnxruntime as o; print(g.__version__, '/ ort', o.__version__)"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def llama_version(bin_dir: Path) -> str:
+    out = subprocess.run([str(bin_dir / "llama-bench"), "--version"], capture_output=True, text=True)
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0] if text else bin_dir.parent.name
+
+
+# -- our packages ---------------------------------------------------------------------------------
+
+
+def ensure_package(gguf: Path, out: Path, work: Path) -> Path:
+    """Our default INT4 package of the GGUF, exported again when the default recipe has changed."""
+    opts = default_options("int4")
+    ckpt = read_checkpoint(gguf)
+    if is_current(out, opts, ckpt.config):
+        return out
+    stats = None
+    if opts.needs_calibration:
+        stats = cached_statistics(ckpt, builtin_text("calibration"), opts.needs_hessians, work)
+    return write_package(ckpt, out, opts, overwrite=True, calib_stats=stats)
+
+
+def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
+    """Whether `package` was exported with `opts`' quantization recipe and accuracy level."""
+    manifest = package / MANIFEST
+    if not manifest.is_file():
+        return False
+    quantization = json.loads(manifest.read_text())["quantization"]
+    return quantization["recipe"] == opts.recipe_for(config).to_dict() and (
+        quantization["accuracy_level"] == opts.accuracy_level
+    )
+
+
+def curve_options() -> ExportOptions:
+    """The default INT4 layout with a calibration-free rounding algorithm: speed is the same, and random
+    weights have nothing to calibrate on."""
+    return replace(default_options("int4"), algo="rtn")
+
+
+def random_checkpoint(config: QwenConfig, tokenizer: TokenizerFiles, label: str) -> Checkpoint:
+    """A checkpoint of seeded random weights (std 0.02, unit norms) at `config`'s shapes."""
+
+    def load(name: str) -> np.ndarray:
+        shape = tensor_shape(config, name)
+        if name.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+    sha = hashlib.sha256(f"random {label} {config}".encode()).hexdigest()
+    return Checkpoint(config, frozenset(expected_names(config)), load, tokenizer, f"random:{label}", sha)
+
+
+def tensor_shape(c: QwenConfig, name: str) -> tuple[int, ...]:
+    """The Hugging Face shape of tensor `name` of a Qwen2 model of config `c`."""
+    q, kv, hidden = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (c.vocab_size, hidden)
+    kind = name.rsplit(".", 1)[-1]
+    module = name.rsplit(".", 2)[-2]
+    rows = {
+        "q_proj": q,
+        "k_proj": kv,
+        "v_proj": kv,
+        "o_proj": hidden,
+        "gate_proj": c.intermediate_size,
+        "up_proj": c.intermediate_size,
+        "down_proj": hidden,
+    }
+    cols = {"o_proj": q, "down_proj": c.intermediate_size}
+    if module in rows:
+        return (rows[module],) if kind == "bias" else (rows[module], cols.get(module, hidden))
+    return (hidden,)  # the norms
+
+
+def run_curve(args: argparse.Namespace, work: Path, real_package: Path) -> list[dict[str, Any]]:
+    """Export and bench our INT4 layout at each chosen size on random weights; prints the curve."""
+    tokenizer = TokenizerFiles(
+        (real_package / "tokenizer.json").read_text(encoding="utf-8"),
+        json.loads((real_package / "tokenizer_config.json").read_text(encoding="utf-8")),
+        json.loads((real_package / "generation_config.json").read_text(encoding="utf-8")),
+    )
+    opts, rows = curve_options(), []
+    for size in args.curve:
+        config = perf_doc.LADDER[size]
+        out = work / "curve" / f"random-{size}-int4"
+        if not is_current(out, opts, config):
+            print(f"curve: exporting {size} (random weights)", file=sys.stderr, flush=True)
+            write_package(random_checkpoint(config, tokenizer, size), out, opts, overwrite=True)
+        print(f"curve: bench {size}", file=sys.stderr, flush=True)
+        rows.append({"size": size, **run_ours(out, args, args.rounds)})
+    print("\nsize   on disk MB   decode tok/s   peak RSS MB   MB/token   of probe")
+    for r in rows:
+        print(
+            f"{r['size']:<6} {r['size_bytes'] / 1e6:>10.0f} {r['decode_tps']:>14.2f} "
+            f"{r['peak_rss_bytes'] / 1e6:>13.0f} {r['bytes_per_token'] / 1e6:>10.0f} "
+            f"{100 * r['bandwidth_fraction']:>9.0f}%"
+        )
+    return rows
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def summarize(rounds: dict[str, list[Metrics]], errors: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: {"error": reason} for name, reason in errors.items()}
+    for name, runs in rounds.items():
+        keys = runs[0].keys()
+        median = {k: _median([r[k] for r in runs]) for k in keys}
+        out[name] = {"runs": len(runs), "rounds": runs, "median": median}
+    return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(statistics.median(present)) if present else None
+
+
+def ratios(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    ours = summary.get(OURS, {}).get("median", {})
+    out = []
+    for name, metric, peer, op, target in TARGETS:
+        mine = ours.get(metric)
+        theirs = 1.0 if peer is None else summary.get(peer, {}).get("median", {}).get(metric)
+        value = mine / theirs if mine is not None and theirs else None
+        met = (
+            None if value is None or target is None else (value >= target if op == ">=" else value <= target)
+        )
+        out.append({"name": name, "value": value, "op": op, "target": target, "met": met})
+    return out
+
+
+def meta(args: argparse.Namespace, versions: dict[str, str]) -> dict[str, Any]:
+    machine = machine_info()
+    opts = default_options("int4")
+    return {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": machine.cpu,
+        "logical_cores": machine.logical_cores,
+        "onnxruntime": ort.__version__,
+        "llamacpp": versions["llamacpp"],
+        "ortgenai": versions["ortgenai"],
+        "recipe": perf_doc.describe(opts.recipe),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "note": args.note,
+    }
+
+
+def print_summary(data: dict[str, Any]) -> None:
+    print("\nengine               prefill tok/s   decode tok/s   TTFT ms   peak RSS MB")
+    for name, e in data["engines"].items():
+        m = e.get("median")
+        if m is None:
+            print(f"{name:<20} unavailable: {e['error']}")
+            continue
+        print(
+            f"{name:<20} {m['prefill_tps']:>13.1f} {m['decode_tps']:>14.2f} {1e3 * m['ttft_s']:>9.0f} "
+            f"{m['peak_rss_bytes'] / 1e6:>13.0f}"
+        )
+    for r in data["ratios"]:
+        value = "-" if r["value"] is None else f"{r['value']:.2f}"
+        print(f"{r['name']:<36} {value:>6}  target {r['op']} {r['target']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Quality of every precision and INT4 recipe on the real Qwen2.5-Coder-0.5B-Instruct -> docs/quality.md.
+
+Every row is measured against our own fp32 export of the same checkpoint, on the same chunks of the
+same texts (built-in 'code' and 'prose', from Python's standard library), with llama.cpp's protocol:
+chunks of --ctx tokens from an empty cache, second half scored. Peers: onnxruntime-genai's INT4
+default and k_quant_mixed builds (../shared/peers/ortgenai_peer.sh).
+
+    python bench/quality.py                      # all rows (~40 min on 2 cores; exports are cached)
+    python bench/quality.py --rows int4-imatrix-b32 ort-genai-int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+import edge_qwen
+from edge_qwen.apps.evaluate import chunk_ids, scored_logits, targets
+from edge_qwen.export.calibrate import cached_statistics
+from edge_qwen.export.options import ExportOptions
+from edge_qwen.export.readers import read_checkpoint
+from edge_qwen.export.writer import write_package
+from edge_qwen.providers import session_options
+from edge_qwen.quant.metrics import QualityAccumulator, log_softmax
+from edge_qwen.quant.texts import builtin_text
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PEERS = Path(os.environ.get("EDGE_QWEN_PEERS", Path.home() / ".cache" / "edge-qwen-peers"))
+
+OURS: dict[str, dict[str, Any]] = {"fp16": {"precision": "fp16"}, "int8-kquant-b32": {"precision": "int8"}}
+for _algo in ("rtn", "kquant", "imatrix"):
+    for _block in (32, 64, 128):
+        OURS[f"int4-{_algo}-b{_block}"] = {"precision": "int4", "algo": _algo, "block_size": _block}
+for _block in (32, 64, 128):
+    OURS[f"int4-gptq-b{_block}-head4"] = {
+        "precision": "int4",
+        "algo": "gptq",
+        "block_size": _block,
+        "lm_head": "int4",
+    }
+    OURS[f"int4-gptq-sym-b{_block}-head4"] = {
+        "precision": "int4",
+        "algo": "gptq",
+        "block_size": _block,
+        "lm_head": "int4",
+        "symmetric": True,
+    }
+    OURS[f"int4-imatrix-sym-b{_block}"] = {
+        "precision": "int4",
+        "algo": "imatrix",
+        "block_size": _block,
+        "symmetric": True,
+    }
+    OURS[f"int4-imatrix-b{_block}-head4"] = {
+        "precision": "int4",
+        "algo": "imatrix",
+        "block_size": _block,
+        "lm_head": "int4",
+    }
+# The fastest kernels: symmetric int4 everywhere, no int8 layers (see docs/quantization.md).
+for _block in (32, 64):
+    OURS[f"int4-gptq-sym-b{_block}-head4-nomix"] = {
+        "precision": "int4",
+        "algo": "gptq",
+        "block_size": _block,
+        "lm_head": "int4",
+        "symmetric": True,
+        "mixed": False,
+    }
+PEER_ROWS = {
+    "ort-genai-int4": "ortgenai-int4-qwen2.5-coder-0.5b-instruct",
+    "ort-genai-int4-kqmixed": "ortgenai-int4-kqmixed",
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="*", default=[*OURS, *PEER_ROWS])
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path(os.environ.get("EDGE_QWEN_BENCH", Path.home() / ".cache" / "edge-qwen-bench")),
+    )
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    p.add_argument("--doc", type=Path, default=REPO / "docs" / "quality.md")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    gguf = fetch_gguf()
+    ref_pkg = ensure_export(gguf, args.work / "fp32", {"precision": "fp32"}, None)
+    ref = edge_qwen.load(ref_pkg)
+    texts = {name: chunk_ids(ref, builtin_text(name), args.ctx, args.chunks) for name in ("code", "prose")}
+    ref_lp = {
+        name: reference_logprobs(ref, chunks, args.work / f"ref-{name}-{args.ctx}x{len(chunks)}.npy")
+        for name, chunks in texts.items()
+    }
+    stats = None
+    results = load_results(args.json)
+    for row in args.rows:
+        if row in OURS:
+            if OURS[row].get("algo") in ("imatrix", "gptq") and stats is None:
+                # X^T X of every linear input: GPTQ uses it whole, imatrix its diagonal.
+                stats = cached_statistics(read_checkpoint(gguf), builtin_text("calibration"), True, args.work)
+            pkg = ensure_export(gguf, args.work / row, OURS[row], stats)
+            decoder = edge_qwen.load(pkg)
+            speed = our_decode_speed(decoder)
+        else:
+            pkg = PEERS / PEER_ROWS[row]
+            if not (pkg / "model.onnx").is_file():
+                print(f"skip {row}: {pkg} not built (../shared/peers/ortgenai_peer.sh)", file=sys.stderr)
+                continue
+            session = ort.InferenceSession(
+                str(pkg / "model.onnx"), session_options(None), ["CPUExecutionProvider"]
+            )
+            decoder = SimpleNamespace(session=session, config=ref.config)
+            speed = peer_decode_speed(pkg)
+        results[row] = {
+            "size_bytes": folder_size(pkg),
+            "decode_tps": speed,
+            "package": str(pkg),
+            **{name: score(decoder, texts[name], ref_lp[name]) for name in texts},
+        }
+        print(row, json.dumps(results[row]), flush=True)
+        save(results, args, ref_pkg)
+
+
+def fetch_gguf() -> Path:
+    out = subprocess.run(
+        [sys.executable, str(SHARED / "models" / "fetch_gguf.py"), "qwen2.5-coder-0.5b-instruct"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def ensure_export(gguf: Path, out: Path, options: dict[str, Any], stats: Any) -> Path:
+    if not (out / "edge_qwen.json").is_file():
+        write_package(read_checkpoint(gguf), out, ExportOptions(**options), overwrite=True, calib_stats=stats)
+    return out
+
+
+def reference_logprobs(ref: Any, chunks: list[np.ndarray], cache: Path) -> np.ndarray:
+    """(chunks, scored, vocab) float32 log-probabilities of the reference, computed once and kept on disk."""
+    if cache.is_file():
+        return np.load(cache, mmap_mode="r")
+    out = np.lib.format.open_memmap(
+        cache.with_suffix(".partial.npy"),
+        mode="w+",
+        dtype=np.float32,
+        shape=(len(chunks), chunks[0].size - 1 - chunks[0].size // 2, ref.config.vocab_size),
+    )
+    for i, chunk in enumerate(chunks):
+        out[i] = log_softmax(scored_logits(ref, chunk))
+    out.flush()
+    del out
+    os.replace(cache.with_suffix(".partial.npy"), cache)
+    return np.load(cache, mmap_mode="r")
+
+
+def score(decoder: Any, chunks: list[np.ndarray], ref_lp: np.ndarray) -> dict[str, float]:
+    acc = QualityAccumulator()
+    for i, chunk in enumerate(chunks):
+        acc.add(np.asarray(ref_lp[i], dtype=np.float64), scored_logits(decoder, chunk), targets(chunk))
+    return acc.report().to_dict()
+
+
+def our_decode_speed(model: Any, prompt: int = 128, new: int = 64) -> float:
+    ids = np.random.default_rng(0).integers(1000, 30000, prompt).tolist()
+    cache = model.new_cache(prompt + new + 1)
+    logits = model.forward(ids, cache)
+    start = time.perf_counter()
+    for _ in range(new):
+        logits = model.forward([int(np.argmax(logits))], cache)
+    return new / (time.perf_counter() - start)
+
+
+def peer_decode_speed(pkg: Path, prompt: int = 128, new: int = 64) -> float | None:
+    python = PEERS / "genai-venv" / "bin" / "python"
+    if not python.is_file():
+        return None
+    cmd = [str(python), str(SHARED / "peers" / "ortgenai_bench.py"), str(pkg), str(new), str(prompt)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["decode_tps"])
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else {}
+
+
+def save(results: dict[str, Any], args: argparse.Namespace, ref_pkg: Path) -> None:
+    meta = {
+        "reference": str(ref_pkg),
+        "ctx": args.ctx,
+        "chunks": args.chunks,
+        "python": sys.version.split()[0],
+        "onnxruntime": ort.__version__,
+        "texts": {n: builtin_text(n).describe() for n in ("code", "prose")},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "rows": results}, indent=1) + "\n")
+    subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quality_doc.py"), str(args.json), str(args.doc)], check=True
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Chat sessions: a conversation and a KV cache kept between turns, so a turn prefills only what is new.
+
+Each turn renders the whole conversation with the model's template and tokenizes it, then reuses the
+longest prefix those ids share with the ids the cache holds. Normally that is everything up to the
+last reply, so only the reply's `<|im_end|>`, the new message and the template's glue are prefilled.
+Re-rendering (rather than appending ids) keeps the prompt exactly what the template says even when
+re-tokenizing a reply gives other ids than the model generated: the cache is then rewound to where
+they part. Editing or regenerating a turn rewinds the same way instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edge_qwen.cache import KVCache
+from edge_qwen.chat_template import check_messages
+from edge_qwen.errors import ContextFullError
+from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
+
+if TYPE_CHECKING:
+    from edge_qwen.model import Model
+
+log = logging.getLogger(__name__)
+
+OVERFLOW_POLICIES = ("error", "truncate-oldest")
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """What one turn cost: tokens reused from the cache, prefilled and generated, and the times."""
+
+    prompt_tokens: int  # the whole rendered conversation
+    reused_tokens: int  # of those, already in the cache
+    prefilled_tokens: int  # of those, run this turn (prompt_tokens - reused_tokens)
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    finish_reason: str | None  # "stop", "length", or "interrupted" when the stream was closed early
+    dropped_messages: int = 0  # oldest messages dropped to fit the context (overflow="truncate-oldest")
+
+
+class ChatSession:
+    """A conversation with its own KV cache; made by `Model.chat`. One thread at a time per session.
+
+    `overflow` chooses what happens when the conversation plus max_tokens outgrows the context:
+    "error" (default) raises ContextFullError naming the numbers and leaves the session as it was;
+    "truncate-oldest" keeps the system message and drops the oldest turns until it fits.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        system: str | None,
+        config: GenerationConfig,
+        cache: KVCache,
+        overflow: str = "error",
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {overflow!r}")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"system must be a string, got {type(system).__name__}")
+        self.model = model
+        self.config = config
+        self.cache = cache
+        self.overflow = overflow
+        self.tools = tools
+        self._system: list[Message] = [] if system is None else [{"role": "system", "content": system}]
+        self._messages: list[Message] = list(self._system)
+        self.stats: list[TurnStats] = []
+
+    @property
+    def messages(self) -> list[Message]:
+        """The conversation so far (a copy)."""
+        return [dict(m) for m in self._messages]
+
+    @property
+    def last_stats(self) -> TurnStats | None:
+        return self.stats[-1] if self.stats else None
+
+    def stream(
+        self, text: str | None, config: GenerationConfig | None = None, **options: Any
+    ) -> Iterator[StreamPiece]:
+        """Add a user message (None: reply to the conversation as it stands) and stream the reply.
+
+        The conversation and the options are checked here (ContextFullError when it does not fit).
+        The reply joins the conversation when the stream ends; a stream closed early keeps the reply
+        so far, with finish_reason "interrupted" in its stats.
+        """
+        config = GenerationConfig.of(config if config is not None else self.config, options)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"a message must be a string, got {type(text).__name__}")
+        if text is None and (not self._messages or self._messages[-1]["role"] == "assistant"):
+            raise ValueError("nothing to reply to: the conversation does not end with a user message")
+        new = [] if text is None else [{"role": "user", "content": text}]
+        messages, prompt_ids, dropped = self._fit([*self._messages, *new], config.max_tokens)
+        return self.model.serialized(self._turn(messages, prompt_ids, dropped, config))
+
+    def send(self, text: str | None, config: GenerationConfig | None = None, **options: Any) -> str:
+        """Add a user message and return the whole reply."""
+        return "".join(piece.text for piece in self.stream(text, config, **options))
+
+    def regenerate(self, config: GenerationConfig | None = None, **options: Any) -> str:
+        """Replace the last reply with a new one; the cache rewinds to the end of the prompt."""
+        if not self._messages or self._messages[-1]["role"] != "assistant":
+            raise ValueError("nothing to regenerate: the conversation does not end with a reply")
+        return self._resend(len(self._messages) - 1, None, config, options)
+
+    def edit_last_user(self, text: str, config: GenerationConfig | None = None, **options: Any) -> str:
+        """Replace the last user message (dropping what followed it) and return the new reply."""
+        users = [i for i, m in enumerate(self._messages) if m["role"] == "user"]
+        if not users:
+            raise ValueError("no user message to edit")
+        return self._resend(users[-1], text, config, options)
+
+    def _resend(
+        self, keep: int, text: str | None, config: GenerationConfig | None, options: dict[str, Any]
+    ) -> str:
+        """Cut the conversation to its first `keep` messages and send; on failure, restore it."""
+        before = self._messages
+        self._messages = before[:keep]
+        try:
+            return self.send(text, config, **options)
+        except BaseException:
+            self._messages = before
+            raise
+
+    def pop(self) -> Message:
+        """Remove and return the last message (never the system message)."""
+        if len(self._messages) <= len(self._system):
+            raise ValueError("no message to remove: the conversation is empty")
+        return self._messages.pop()
+
+    def reset(self) -> None:
+        """Back to the system message alone, with an empty cache."""
+        self._messages = list(self._system)
+        self.cache.reset()
+        self.stats.clear()
+
+    def _turn(
+        self, messages: list[Message], prompt_ids: list[int], dropped: int, config: GenerationConfig
+    ) -> Iterator[StreamPiece]:
+        reused = self.cache.rewind_to(prompt_ids)
+        reply: list[str] = []
+        last: StreamPiece | None = None
+        finished = False
+        try:
+            for last in stream_pieces(self.model, prompt_ids, self.cache, config):
+                reply.append(last.text)
+                yield last
+            finished = True
+        finally:
+            if last is not None:  # a closed stream (GeneratorExit) keeps what it produced
+                self._messages = [*messages, {"role": "assistant", "content": "".join(reply)}]
+                reason = last.finish_reason if finished else "interrupted"
+                self.stats.append(_stats(last, reused, reason, dropped))
+
+    def _fit(self, messages: list[Message], max_tokens: int) -> tuple[list[Message], list[int], int]:
+        """The messages that fit the context with max_tokens to spare, their ids, and how many dropped."""
+        check_messages(messages)
+        dropped = 0
+        while True:
+            ids = self.model.encode_prompt(messages, tools=self.tools)
+            if len(ids) + max_tokens <= self.cache.max_len:
+                if dropped:
+                    log.info("dropped the %d oldest messages to fit the context", dropped)
+                return messages, ids, dropped
+            n = _oldest_turn(messages) if self.overflow == "truncate-oldest" else 0
+            if n == 0:
+                raise ContextFullError(self._overflow_message(len(ids), max_tokens))
+            first = 1 if messages[0]["role"] == "system" else 0
+            messages = messages[:first] + messages[first + n :]
+            dropped += n
+
+    def _overflow_message(self, prompt_tokens: int, max_tokens: int) -> str:
+        fix = (
+            "lower max_tokens, or start a new chat with a larger max_context"
+            if self.overflow == "truncate-oldest"
+            else "reset() the session, lower max_tokens, or chat(overflow='truncate-oldest')"
+        )
+        what = (
+            "even cut to its last turn, the conversation"
+            if self.overflow == "truncate-oldest"
+            else ("the conversation")
+        )
+        return (
+            f"{what} is {prompt_tokens} tokens; with max_tokens {max_tokens} that is "
+            f"{prompt_tokens + max_tokens} > the context of {self.cache.max_len} tokens: {fix}"
+        )
+
+
+def _oldest_turn(messages: list[Message]) -> int:
+    """How many messages the oldest turn (a user message and the replies up to the next one) spans.
+
+    0 when the oldest turn is the last one, which is never dropped.
+    """
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    for n, message in enumerate(messages[first + 1 :], start=1):
+        if message["role"] == "user":
+            return n
+    return 0
+
+
+def _stats(last: StreamPiece, reused: int, finish_reason: str | None, dropped: int) -> TurnStats:
+    return TurnStats(
+        prompt_tokens=last.prompt_tokens,
+        reused_tokens=reused,
+        prefilled_tokens=last.prompt_tokens - reused,
+        generated_tokens=last.generated_tokens,
+        prefill_seconds=last.prefill_seconds,
+        decode_seconds=last.decode_seconds,
+        finish_reason=finish_reason,
+        dropped_messages=dropped,
+    )

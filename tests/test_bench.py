@@ -1,0 +1,176 @@
+"""`edge-qwen bench` reports every field with sane values; the bytes-per-token arithmetic is exact.
+
+Speed itself is never asserted: benchmarks are scripts (bench/compare.py), not timed tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from edge_qwen.benchmark import (
+    Stat,
+    decode_traffic,
+    package_size,
+    parse_cpuinfo,
+    run_benchmark,
+    weight_bytes_per_token,
+)
+from edge_qwen.cache import kv_bytes_per_token
+from edge_qwen.errors import ContextFullError
+from edge_qwen.package import read_manifest
+from tests.conftest import TinyModel, export_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT, GEN, REPS = 16, 8, 2
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "bench", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@functools.cache
+def perf_doc() -> ModuleType:
+    """bench/perf_doc.py (a script folder, not a package), for its on-paper arithmetic."""
+    spec = importlib.util.spec_from_file_location("perf_doc", REPO / "bench" / "perf_doc.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> None:
+    counts = ("--prompt-tokens", str(PROMPT), "--gen-tokens", str(GEN), "--repetitions", str(REPS))
+    result = run_bench(str(tiny_fp32), "--json", *counts)
+    assert result.returncode == 0, result.stderr
+    d = json.loads(result.stdout)
+    config = read_manifest(tiny_fp32).config
+
+    assert (d["prompt_tokens"], d["gen_tokens"], d["repetitions"]) == (PROMPT, GEN, REPS)
+    assert d["precision"] == "fp32" and d["package"] == str(tiny_fp32)
+    assert d["threads"] >= 1 and "CPUExecutionProvider" in d["providers"]
+    assert d["machine"]["logical_cores"] >= 1 and d["machine"]["arch"]
+    for name in ("load_seconds", "prefill_tokens_per_second", "decode_tokens_per_second", "ttft_seconds"):
+        stat = d[name]
+        assert set(stat) == {"median", "min", "max"}, name
+        assert all(math.isfinite(v) and v > 0 for v in stat.values()), (name, stat)
+        assert stat["min"] <= stat["median"] <= stat["max"], (name, stat)
+    # TTFT includes the prefill: it cannot be shorter than the prompt at the best prefill rate.
+    assert d["ttft_seconds"]["max"] >= PROMPT / d["prefill_tokens_per_second"]["max"]
+
+    assert d["package_bytes"] == package_size(tiny_fp32)
+    assert d["package_bytes"] == sum(p.stat().st_size for p in tiny_fp32.iterdir())
+    assert 10e6 < d["peak_rss_bytes"] < 4e9
+
+    traffic = d["traffic"]
+    data = (tiny_fp32 / "model.onnx.data").stat().st_size
+    assert 0 < traffic["weight_bytes"] < data  # the lookup tables count one row of theirs
+    assert traffic["average_context"] == PROMPT + (GEN + 1) / 2
+    assert traffic["kv_cache_bytes"] == round(kv_bytes_per_token(config) * traffic["average_context"])
+    assert d["bytes_per_token"] == traffic["weight_bytes"] + traffic["kv_cache_bytes"]
+
+    probe = d["memory_bandwidth_bytes_per_second"]
+    assert 1e8 < probe < 1e13
+    achieved = d["achieved_bytes_per_second"]
+    assert achieved["median"] == pytest.approx(d["bytes_per_token"] * d["decode_tokens_per_second"]["median"])
+    assert d["bandwidth_fraction"] == pytest.approx(achieved["median"] / probe)
+
+
+def test_bench_prints_a_llama_bench_style_table(tiny_fp32: Path) -> None:
+    result = run_bench(str(tiny_fp32), "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in (
+        "| pp8 tok/s",
+        "| tg4 tok/s",
+        "| ttft ms",
+        "| load ms",
+        "peak RSS",
+        "GB/s this machine reads",
+    ):
+        assert needle in out, (needle, out)
+
+
+def test_bench_refuses_a_run_longer_than_the_context(tiny_fp32: Path) -> None:
+    context = read_manifest(tiny_fp32).max_context
+    with pytest.raises(ContextFullError, match="--gen-tokens"):
+        run_benchmark(tiny_fp32, prompt_tokens=context - 4, gen_tokens=8)
+    with pytest.raises(ValueError, match="repetitions must be an integer >= 1, got 0"):
+        run_benchmark(tiny_fp32, repetitions=0)
+    result = run_bench(str(tiny_fp32), "--gen-tokens", str(context))
+    assert result.returncode == 1 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
+
+
+def test_stat_is_median_and_spread() -> None:
+    s = Stat.of([3.0, 1.0, 10.0, 2.0])
+    assert (s.median, s.min, s.max) == (2.5, 1.0, 10.0)
+    assert Stat.of([4.0]) == Stat(4.0, 4.0, 4.0)
+    assert s.scaled(2) == Stat(5.0, 2.0, 20.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        Stat.of([])
+
+
+def test_decode_traffic_counts_kv_cache_at_the_average_context(tiny_fp32: Path) -> None:
+    config = read_manifest(tiny_fp32).config
+    per_position = 2 * config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers
+    traffic = decode_traffic(tiny_fp32 / "model.onnx", config, prompt_tokens=100, gen_tokens=9)
+    assert traffic.average_context == 105  # steps attend over 101 ... 109 positions
+    assert traffic.kv_cache_bytes == 105 * per_position
+    assert traffic.total_bytes == traffic.weight_bytes + 105 * per_position
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"precision": "fp32"},
+        {"precision": "fp16"},
+        {"precision": "int8", "algo": "rtn"},
+        {"precision": "int4", "algo": "rtn", "lm_head": "int4"},  # the default int4 layout
+        {"precision": "int4", "algo": "rtn", "symmetric": True, "block_size": 64, "mixed": False},
+        {"precision": "int4", "algo": "rtn", "block_size": 128},  # padded blocks (hidden is 64)
+    ],
+    ids=["fp32", "fp16", "int8", "int4", "int4-b64-sym", "int4-b128"],
+)
+def test_paper_arithmetic_matches_the_bytes_counted_in_exported_graphs(
+    tiny: TinyModel, tmp_path: Path, options: dict[str, object]
+) -> None:
+    from edge_qwen.export.options import ExportOptions
+
+    package = export_tiny(tiny.hf_dir, tmp_path / "pkg", **options)
+    config = read_manifest(package).config
+    predicted = perf_doc().weight_bytes_per_token(config, ExportOptions(**options))  # type: ignore[arg-type]
+    assert weight_bytes_per_token(package / "model.onnx") == predicted
+
+
+def test_paper_predictions_follow_from_bytes_and_bandwidth() -> None:
+    doc = perf_doc()
+    rows = {(r["size"], r["precision"]): r for r in doc.paper()["rows"]}
+    assert set(rows) == {(s, p) for s in ("0.5B", "1.5B", "3B") for p in ("fp32", "fp16", "int8", "int4")}
+    small, big = rows[("0.5B", "int4")], rows[("3B", "int4")]
+    assert small["bytes_per_token"] < big["bytes_per_token"] < rows[("3B", "fp32")]["bytes_per_token"]
+    for device in doc.DEVICES:
+        tps = small["predicted_decode_tps"][device.name]
+        # A core without dotprod also reads the float32 copies of the int8 matrices.
+        read = small["bytes_per_token"] + (0 if device.dotprod else small["no_dotprod_extra_bytes"])
+        assert tps["sustained"] == pytest.approx(device.sustained_gb_s * 1e9 / read)
+        assert tps["sustained"] < tps["peak"]
+
+
+def test_cpuinfo_names_the_pi_cores_and_their_dotprod() -> None:
+    pi4 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n"
+    pi5 = "processor\t: 0\nFeatures\t: fp asimd aes asimdrdm lrcpc dcpop asimddp\nCPU part\t: 0xd0b\n"
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
+    assert parse_cpuinfo(pi4) == ("Cortex-A72", ())
+    assert parse_cpuinfo(pi5) == ("Cortex-A76", ("asimddp",))
+    assert parse_cpuinfo(x86) == ("AMD EPYC", ("avx2", "avx512_vnni"))
+    assert parse_cpuinfo("") == (None, ())

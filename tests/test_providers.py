@@ -1,0 +1,108 @@
+"""Execution providers by name, the CPU fallback, strict mode, and the default thread count."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+import edge_qwen
+from edge_qwen import providers
+from edge_qwen.providers import (
+    CPU,
+    ProviderUnavailableError,
+    count_cores,
+    ort_provider_name,
+    session_providers,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("cpu", "CPUExecutionProvider"),
+        ("CPU", "CPUExecutionProvider"),
+        ("xnnpack", "XnnpackExecutionProvider"),
+        ("qnn", "QNNExecutionProvider"),
+        ("nnapi", "NnapiExecutionProvider"),
+        ("coreml", "CoreMLExecutionProvider"),
+        ("CoreMLExecutionProvider", "CoreMLExecutionProvider"),
+        ("CUDAExecutionProvider", "CUDAExecutionProvider"),  # any name onnxruntime knows
+    ],
+)
+def test_provider_names(name: str, expected: str) -> None:
+    assert ort_provider_name(name) == expected
+
+
+def test_unknown_provider_lists_the_known_ones() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown provider 'tpu': use one of cpu, xnnpack, qnn, nnapi, coreml"
+    ):
+        ort_provider_name("tpu")
+
+
+def test_missing_provider_falls_back_to_cpu_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    missing = next(
+        p
+        for p in ("xnnpack", "qnn", "nnapi", "coreml")
+        if ort_provider_name(p) not in ort.get_available_providers()
+    )
+    with caplog.at_level(logging.WARNING, logger="edge_qwen.providers"):
+        assert session_providers(missing, {"backend_path": "x.so"}) == [CPU]
+    records = [r for r in caplog.records if r.name == "edge_qwen.providers"]
+    assert len(records) == 1
+    assert f"provider '{missing}'" in records[0].getMessage()
+    assert f"available: {', '.join(ort.get_available_providers())}" in records[0].getMessage()
+    with pytest.raises(ProviderUnavailableError, match=f"provider '{missing}'"):
+        session_providers(missing, strict=True)
+
+
+def test_available_provider_comes_first_with_its_options_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["QNNExecutionProvider", CPU])
+    assert session_providers("qnn", {"backend_path": "libQnnHtp.so", "htp_performance_mode": 1}) == [
+        ("QNNExecutionProvider", {"backend_path": "libQnnHtp.so", "htp_performance_mode": "1"}),
+        CPU,
+    ]
+    assert session_providers("cpu") == [CPU]
+    assert session_providers("cpu", {"arena_extend_strategy": "kSameAsRequested"}) == [
+        (CPU, {"arena_extend_strategy": "kSameAsRequested"})
+    ]
+    with pytest.raises(ValueError, match="provider_options must be a mapping"):
+        session_providers("cpu", ["x"])  # type: ignore[arg-type]
+
+
+def test_load_falls_back_or_fails(tiny_fp32: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        model = edge_qwen.load(tiny_fp32, provider="xnnpack")
+    assert model.providers == [CPU]
+    assert "running on the CPU" in caplog.text
+    assert model.generate("hello", max_tokens=4) is not None
+    with pytest.raises(ProviderUnavailableError, match="XnnpackExecutionProvider"):
+        edge_qwen.load(tiny_fp32, provider="xnnpack", strict=True)
+    with pytest.raises(ValueError, match="unknown provider"):
+        edge_qwen.load(tiny_fp32, provider="gpu")
+
+
+def test_threads(tiny_fp32: Path) -> None:
+    assert edge_qwen.load(tiny_fp32, threads=1).session.get_session_options().intra_op_num_threads == 1
+    default = edge_qwen.load(tiny_fp32).session.get_session_options().intra_op_num_threads
+    assert default == providers.physical_cores()
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"threads must be an integer >= 1, got {bad}"):
+            edge_qwen.load(tiny_fp32, threads=bad)  # type: ignore[arg-type]
+
+
+X86_SMT = "\n\n".join(
+    f"processor\t: {cpu}\nphysical id\t: {cpu // 4}\ncore id\t\t: {cpu % 4 // 2}\nsiblings\t: 4"
+    for cpu in range(8)
+)  # 2 sockets x 2 cores x 2 threads
+RASPBERRY_PI = "\n\n".join(f"processor\t: {cpu}\nBogoMIPS\t: 108.00\nCPU part\t: 0xd08" for cpu in range(4))
+
+
+def test_physical_cores_from_cpuinfo() -> None:
+    assert count_cores(X86_SMT) == 4
+    assert count_cores(RASPBERRY_PI) is None  # no core ids: every logical CPU is a core
+    assert 1 <= providers.physical_cores() <= (os.cpu_count() or 1)

@@ -1,0 +1,171 @@
+"""INT8/INT4 exports of tiny random checkpoints: closeness to fp32, recipes, tied sharing, eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import edge_qwen
+from edge_qwen.apps.evaluate import evaluate
+from edge_qwen.export.options import ExportOptions
+from edge_qwen.quant.metrics import QualityAccumulator, log_softmax
+from edge_qwen.sampling import make_sampler
+from tests.conftest import TinyModel, export_tiny
+
+# Measured on these tiny models (max |logit - fp32 logit|): int8 <= 0.0084, int4 <= 0.063 across recipes.
+INT8_ATOL = 0.02
+INT4_ATOL = 0.15
+INT4_MAX_KLD = 1e-3  # measured <= 1.5e-4
+
+
+def closeness(pkg: Path, ref: Path) -> tuple[float, float]:
+    """Max |logit difference| and mean KLD against the fp32 package over 8 prompt lengths."""
+    m, r = edge_qwen.load(pkg), edge_qwen.load(ref)
+    ids = np.random.default_rng(0).integers(3, 500, 40).tolist()
+    acc, maxdiff = QualityAccumulator(), 0.0
+    for n in range(8, 40, 4):
+        a, b = r.forward(ids[:n], r.new_cache()), m.forward(ids[:n], m.new_cache())
+        maxdiff = max(maxdiff, float(np.abs(a - b).max()))
+        acc.add(log_softmax(a[None]), b[None], np.array([ids[n]]))
+    return maxdiff, acc.report().mean_kld
+
+
+def test_int8_keeps_logits_and_greedy_output(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path) -> None:
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "int8", precision="int8")
+    maxdiff, _ = closeness(pkg, tiny_fp32)
+    assert maxdiff < INT8_ATOL
+    prompt = np.random.default_rng(0).integers(3, 500, 8).tolist()
+    ours = list(edge_qwen.load(pkg).generate_tokens(prompt, make_sampler(), 24))
+    assert ours == list(edge_qwen.load(tiny_fp32).generate_tokens(prompt, make_sampler(), 24))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"algo": "rtn", "block_size": 128, "symmetric": True},
+        {"algo": "imatrix", "block_size": 64},
+        {"algo": "gptq", "lm_head": "int4"},
+        {"algo": "gptq", "symmetric": True, "block_size": 128},
+        {"embeddings": "fp16", "lm_head": "int4", "mixed": False},
+    ],
+    ids=["default", "rtn-b128-sym", "imatrix-b64", "gptq-head4", "gptq-sym-b128", "fp16-embed-int4-head"],
+)
+def test_int4_recipes_stay_close(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path, options: dict) -> None:
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", **options)
+    maxdiff, kld = closeness(pkg, tiny_fp32)
+    assert maxdiff < INT4_ATOL and kld < INT4_MAX_KLD
+    manifest = json.loads((pkg / "edge_qwen.json").read_text())
+    recipe = manifest["quantization"]["recipe"]
+    opts = ExportOptions(precision="int4", **options)
+    assert recipe["body"] == opts.recipe.body.describe()
+    assert (manifest["quantization"]["calibration"] is not None) == (
+        options.get("algo") in ("imatrix", "gptq")
+    )
+
+
+def initializer_locations(pkg: Path) -> dict[str, tuple[str, str]]:
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if ext:
+            out[t.name] = (ext["offset"], ext["length"])
+    return out
+
+
+def test_tied_vocabulary_matrix_is_stored_once(tiny: TinyModel, tmp_path: Path) -> None:
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", lm_head="int4", block_size=32)
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.name == "/lm_head/MatMulNBits")
+    where = initializer_locations(pkg)
+    if tiny.tied:
+        assert where[gather.input[0]] == where[head.input[1]]  # the same bytes, two shapes
+        assert where[gather.input[2]] == where[head.input[2]]
+    else:
+        assert where[gather.input[0]] != where[head.input[1]]
+
+
+def test_int4_is_smaller_than_int8_and_fp32(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path) -> None:
+    sizes = {
+        p: (export_tiny(tiny.hf_dir, tmp_path / p, precision=p) / "model.onnx.data").stat().st_size
+        for p in ("int8", "int4")
+    }
+    assert sizes["int4"] < sizes["int8"] < (tiny_fp32 / "model.onnx.data").stat().st_size
+
+
+def test_eval_of_identical_packages_is_exact(tiny_fp32: Path, tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("The capital of France is Paris. def f(x):\n    return x * 2\n" * 40)
+    report = evaluate(tiny_fp32, tiny_fp32, str(text), ctx=64, max_chunks=4, show_progress=False)
+    assert report["mean_kld"] == 0.0 and report["p99_kld"] == 0.0
+    assert report["top1_agreement"] == 1.0 and report["ppl_ratio"] == 1.0
+    assert report["tokens_scored"] == report["chunks"] * (64 - 1 - 32)
+
+
+def test_eval_sees_quantization_error(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path) -> None:
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", algo="rtn", mixed=False)
+    report = evaluate(pkg, tiny_fp32, "prose", ctx=64, max_chunks=4, show_progress=False)
+    assert 0.0 < report["mean_kld"] < INT4_MAX_KLD
+    assert report["text"]["sources"] and report["text"]["python"]
+
+
+def test_eval_cli_json(tiny_fp32: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_qwen.apps.cli",
+        "eval",
+        str(tiny_fp32),
+        "--reference",
+        str(tiny_fp32),
+        "--text",
+        "code",
+        "--ctx",
+        "64",
+        "--chunks",
+        "2",
+        "--json",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mean_kld"] == 0.0 and report["tokens_scored"] == 2 * 31
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"precision": "int4", "block_size": 48}, "block_size must be one of (32, 64, 128), got 48"),
+        ({"precision": "int4", "algo": "awq"}, "algo must be one of rtn, kquant, imatrix, gptq, got 'awq'"),
+        ({"precision": "int3"}, "precision must be one of fp32, fp16, int8, int4, got 'int3'"),
+        ({"precision": "int4", "embeddings": "int2"}, "int2"),
+    ],
+)
+def test_bad_quantization_options_fail_before_any_work(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ExportOptions(**options)
+
+
+def test_bad_block_size_on_the_command_line(tiny: TinyModel, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_qwen.apps.cli",
+        "export",
+        str(tiny.hf_dir),
+        str(tmp_path / "out"),
+        "--block-size",
+        "48",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "48" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
