@@ -62,13 +62,13 @@ def collect_statistics(
     try:
         opts = ExportOptions(precision="fp32", max_context=ctx)
         pkg = write_package(ckpt, tmp / "fp32", opts, show_progress=show_progress, calibration=True)
-        session = ort.InferenceSession(
-            str(pkg / "model.onnx"), session_options(None), ["CPUExecutionProvider"]
-        )
+        options = session_options(None)
+        # A throwaway session: without pre-packing, ONNX Runtime keeps one copy of the fp32 weights, not two.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        session = ort.InferenceSession(str(pkg / "model.onnx"), options, ["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs() if o.name.startswith(CALIBRATION_PREFIX)]
-        ids = (
-            Tokenizer.from_str(ckpt.tokenizer.tokenizer_json).encode(text.text, add_special_tokens=False).ids
-        )
+        tokenizer = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json)
+        ids = tokenizer.encode(text.text, add_special_tokens=False).ids
         chunks = [ids[i : i + ctx] for i in range(0, min(len(ids), ctx * max_chunks), ctx)]
         sums: dict[str, np.ndarray] = {}
         for chunk in tqdm(chunks, desc="calibrate", unit="chunk", disable=not show_progress):
@@ -76,9 +76,19 @@ def collect_statistics(
             for name, x in zip(names, outputs, strict=True):
                 x = x.reshape(-1, x.shape[-1])  # (tokens, in_features)
                 stat = x.T @ x if full else np.square(x).sum(0)
-                sums[name] = sums[name] + stat if name in sums else stat
+                if name in sums:
+                    sums[name] += stat  # in place: X^T X of the 0.5B is 2.5 GB, no second copy
+                else:
+                    sums[name] = stat
+            del outputs
+        del session  # free the fp32 weights before the quantized export starts
         count = sum(len(c) for c in chunks)
-        return {name[len(CALIBRATION_PREFIX) :]: (s / count).astype(np.float32) for name, s in sums.items()}
+        stats = {}
+        for name in list(sums):
+            stat = sums.pop(name)
+            stat /= count
+            stats[name[len(CALIBRATION_PREFIX) :]] = stat
+        return stats
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

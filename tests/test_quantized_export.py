@@ -169,3 +169,16 @@ def test_bad_block_size_on_the_command_line(tiny: TinyModel, tmp_path: Path) -> 
     assert result.returncode != 0 and "48" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_falls_back_to_imatrix_when_memory_is_short(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge_qwen.export import writer
+
+    monkeypatch.setattr(writer, "available_memory", lambda: 1000)  # bytes: far too little for X^T X
+    with caplog.at_level("WARNING"):
+        pkg = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", algo="gptq")
+    recipe = json.loads((pkg / "edge_qwen.json").read_text())["quantization"]["recipe"]
+    assert "imatrix" in recipe["body"] and "gptq" not in recipe["body"]
+    assert sum("quantizing with imatrix instead" in r.message for r in caplog.records) == 1
