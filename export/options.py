@@ -37,16 +37,7 @@ class ExportOptions:
             raise ValueError(f"max_context must be >= 16, got {self.max_context}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
-        # Validates block size, algo and per-tensor precisions before any work starts:
-        make_recipe(
-            self.precision,
-            self.block_size,
-            self.symmetric,
-            self.algo,
-            self.embeddings,
-            self.lm_head,
-            self.mixed,
-        )
+        _ = self.recipe  # validates block size, algo and per-tensor precisions before any work starts
 
     @property
     def recipe(self) -> Recipe:

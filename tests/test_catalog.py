@@ -23,7 +23,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import gguf
 import pytest
 from click.testing import CliRunner
 
@@ -33,18 +32,7 @@ from edge_qwen.apps.cli import cli
 from edge_qwen.catalog import Catalog, CatalogError
 from edge_qwen.errors import PackageError
 from edge_qwen.export.options import default_options
-from tests.test_gguf import (
-    FFN,
-    HEADS,
-    HIDDEN,
-    KV_HEADS,
-    LAYERS,
-    MERGES,
-    TEMPLATE,
-    stored_type,
-    tiny_tensors,
-    tiny_vocab,
-)
+from tests.test_gguf import write_tiny_gguf
 
 REAL_NAME = "qwen2.5-coder-0.5b-instruct"
 SHARED_FETCH = Path(__file__).resolve().parents[2] / "shared" / "models" / "fetch_gguf.py"
@@ -54,31 +42,8 @@ SHARED_FETCH = Path(__file__).resolve().parents[2] / "shared" / "models" / "fetc
 
 
 def write_gguf(path: Path) -> bytes:
-    """tests/test_gguf.py's tiny qwen2 model, with a context long enough for imatrix calibration."""
-    tokens, types = tiny_vocab()
-    writer = gguf.GGUFWriter(path, "qwen2")
-    writer.add_context_length(1024)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_rope_freq_base(1_000_000.0)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(MERGES)
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
-    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
-    writer.add_chat_template(TEMPLATE)
-    for name, values in tiny_tensors(len(tokens), tied=False).items():
-        writer.add_tensor(name, gguf.quants.quantize(values, stored_type(name)), raw_dtype=stored_type(name))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """tests/test_gguf.py's tiny qwen2 model, as bytes."""
+    write_tiny_gguf(path)
     return path.read_bytes()
 
 
