@@ -277,7 +277,8 @@ def render_curve(curve: list[dict[str, Any]] | None) -> list[str]:
 
 
 def render_paper(paper: dict[str, Any], measured_fraction: float | None) -> list[str]:
-    out = [PAPER_TEXT.format(context=PAPER_CONTEXT, head_share=100 * paper["lm_head_share_0_5b_int4"]), ""]
+    head_share = 100 * paper["lm_head_share_0_5b_int4"]
+    out = [PAPER_TEXT.format(context=PAPER_CONTEXT, head_share=head_share).rstrip(), ""]
     pi5, pi4 = DEVICES
     out.append(
         "| size | precision | weights MB / token | KV KB / position | MB / token | "
@@ -311,14 +312,18 @@ def render_paper(paper: dict[str, Any], measured_fraction: float | None) -> list
             f"- Decode on this run's machine reached {100 * measured_fraction:.0f}% of its probed read "
             "bandwidth: expect about that fraction of the sustained column on a board whose kernels keep up."
         )
-    out += ["", KERNELS_TEXT, ""]
+    out += ["", KERNELS_TEXT.rstrip(), ""]
     out += _kernel_table(paper["kernels"])
     detours = [r for r in paper["rows"] if r["precision"] == "int4" and r["no_dotprod_extra_bytes"]]
     extra = ", ".join(
         f"{r['size']} {r['no_dotprod_extra_bytes'] / 1e6:.0f} MB over {r['bytes_per_token'] / 1e6:.0f} MB"
         for r in detours
     )
-    out += ["", PI4_TEXT.format(extra=extra or "none (the default recipe has no 8-bit matrices)"), ""]
+    out += [
+        "",
+        PI4_TEXT.format(extra=extra or "none (the default recipe has no 8-bit matrices)").rstrip(),
+        "",
+    ]
     return out
 
 
@@ -372,7 +377,7 @@ def paper() -> dict[str, Any]:
 
 
 def measured_intro(meta: dict[str, Any]) -> str:
-    return MEASURED_TEXT.format(**meta)
+    return MEASURED_TEXT.format(**meta).rstrip()
 
 
 MEASURED_TEXT = """\
@@ -395,8 +400,9 @@ ours and onnxruntime-genai after the prompt (context {prompt_tokens} to \
 onnxruntime-genai's `append_tokens` (prefill, first logits) for it, and prompt / prefill rate for \
 llama.cpp. Load time: `edge_qwen.load` (session, tokenizer, template) for ours, `og.Model` + \
 `og.Tokenizer` for onnxruntime-genai; llama-bench does not report one. Peak RSS is each process's \
-high-water mark (ours read before its memory-bandwidth probe; the peers' from `wait4`), so it \
-includes each runtime's Python or C++ process around the model.
+high-water mark, VmHWM (ours read by itself before its memory-bandwidth probe, the peers' polled \
+from /proc every 20 ms; not ru_maxrss, which a child inherits from a large parent through vfork), \
+so it includes each runtime's Python or C++ process around the model.
 """
 
 PAPER_TEXT = """\
@@ -449,8 +455,9 @@ Version caveat: asymmetric int4 reached KleidiAI's dedicated asymmetric kernels 
 correction, and before that MLAS's own NEON dotprod kernel (`sqnbitgemm_kernel_neon_int8.cpp`). We \
 could not tie the installed ONNX Runtime to a commit of those files (its wheel reports commit \
 fab30a4); on an A76 every variant runs int8 dot products either way. KleidiAI is compiled in only \
-with `onnxruntime_USE_KLEIDIAI` (`tools/ci_build/build.py` turns it on for arm64 builds); without \
-it the A76 takes MLAS's own dotprod kernels, still int8 compute.
+with `onnxruntime_USE_KLEIDIAI` (`tools/ci_build/build.py` sets it for Android arm64, Windows on Arm \
+and hosts whose `platform.machine()` says arm64); whether a given Linux aarch64 wheel has it we \
+could not check here. Without it the A76 takes MLAS's own dotprod kernels, still int8 compute.
 """
 
 PI4_TEXT = """\

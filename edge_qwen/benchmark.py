@@ -295,9 +295,26 @@ def memory_read_bandwidth(threads: int, nbytes: int = PROBE_BYTES, trials: int =
 
 
 def peak_rss_bytes() -> int:
-    """This process's resident-set high-water mark."""
+    """This process's resident-set high-water mark.
+
+    On Linux, VmHWM of /proc/self/status: ru_maxrss would also count the parent's memory, since a
+    process started with vfork + exec inherits the high-water mark of its parent's address space.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        hwm = vm_hwm_bytes(status.read_text())
+        if hwm is not None:
+            return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def vm_hwm_bytes(proc_status: str) -> int | None:
+    """The VmHWM line of a /proc/<pid>/status text, in bytes (the kernel reports kB)."""
+    for line in proc_status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def package_size(root: Path) -> int:

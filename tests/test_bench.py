@@ -22,6 +22,7 @@ from edge_qwen.benchmark import (
     package_size,
     parse_cpuinfo,
     run_benchmark,
+    vm_hwm_bytes,
     weight_bytes_per_token,
 )
 from edge_qwen.cache import kv_bytes_per_token
@@ -99,6 +100,18 @@ def test_bench_prints_a_llama_bench_style_table(tiny_fp32: Path) -> None:
         "GB/s this machine reads",
     ):
         assert needle in out, (needle, out)
+
+
+def test_bench_peak_rss_is_its_own_not_its_parents(tiny_fp32: Path) -> None:
+    # A process started with vfork + exec inherits its parent's ru_maxrss; bench reports VmHWM.
+    ballast = bytearray(1 << 30)  # 1 GiB, touched, in this (parent) process
+    result = run_bench(
+        str(tiny_fp32), "--json", "--prompt-tokens", "4", "--gen-tokens", "2", "--repetitions", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["peak_rss_bytes"] < len(ballast) / 2
+    assert vm_hwm_bytes("Name:\tpython\nVmPeak:\t  9 kB\nVmHWM:\t   13560 kB\n") == 13560 * 1024
+    assert vm_hwm_bytes("Name:\tzombie\n") is None
 
 
 def test_bench_refuses_a_run_longer_than_the_context(tiny_fp32: Path) -> None:
