@@ -70,15 +70,19 @@ class Recipe:
             "body": self.body.describe(),
             "embeddings": self.embeddings.describe(),
             "lm_head": self.lm_head.describe(),
-            "sensitive (qkv_proj, down_proj of the first and last layers)": (
+            "sensitive (qkv_proj, down_proj of the first and last sixth of the layers)": (
                 self.sensitive.describe() if self.sensitive else None
             ),
         }
 
 
 def is_sensitive(weight: str, layer: int, num_layers: int) -> bool:
-    """qkv (holds v_proj) and down_proj in the first and last eighth of the layers, as Q4_K_M does."""
-    edge = max(1, num_layers // 8)
+    """qkv (holds v_proj) and down_proj in the first and last sixth of the layers.
+
+    A sixth (4 of 24 layers at 0.5B) rather than Q4_K_M's eighth: on the real 0.5B it brought prose
+    top-1 from 89.6% to 90.3% for 5 MB, within the size budget (docs/quantization.md).
+    """
+    edge = max(1, num_layers // 6)
     return weight in ("qkv_proj", "down_proj") and (layer < edge or layer >= num_layers - edge)
 
 
