@@ -127,7 +127,10 @@ def main() -> None:
             )
             decoder = SimpleNamespace(session=session, config=ref.config)
             speed = peer_decode_speed(pkg)
+        edge = max(1, ref.config.num_hidden_layers // 6)  # as export/recipe.py is_sensitive
+        mixed = row in OURS and OURS[row].get("precision") == "int4" and OURS[row].get("mixed", True)
         results[row] = {
+            "int8_edge_layers": f"{edge}+{edge}" if mixed else None,
             "size_bytes": folder_size(pkg),
             "decode_tps": speed,
             "package": str(pkg),

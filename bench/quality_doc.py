@@ -26,6 +26,12 @@ both. Size is the package folder on disk. Decode tok/s: 128-token prompt, 64 gre
 per row on a shared 2-core machine (noisy: see docs/performance.md for the careful comparison); our
 rows run in our runtime, the peers in onnxruntime-genai's. ONNX Runtime {onnxruntime}.
 
+Row names: `int4-ALGO-bBLOCK[-sym][-head4][-nomix]` is an INT4 body quantized with ALGO at block
+BLOCK, asymmetric unless `-sym`, with an int8 lm_head unless `-head4` (int4), embeddings as the body,
+and qkv/down_proj at int8 in the first and last layers (the count is in the name column, e.g. 4+4)
+unless `-nomix`. `int8-kquant-b32` is INT8 throughout. The default INT4 recipe is
+`int4-gptq-b32-head4`.
+
 Peers: `ort-genai-int4` is onnxruntime-genai's INT4 CPU default (`-p int4 -e cpu`), and
 `ort-genai-int4-kqmixed` its best recipe (`--extra_options algo_config=k_quant_mixed`: k-quant with
 int8 lm_head and int8 mixed layers), both built from the same weights.
@@ -67,9 +73,10 @@ def render(data: dict[str, Any]) -> str:
             else "-"
         )
         speed = f"{r['decode_tps']:.1f}" if r.get("decode_tps") else "-"
+        edge = f" ({r['int8_edge_layers']})" if r.get("int8_edge_layers") else ""
         out.append(
-            f"| {name} | {r['size_bytes'] / 1e6:.0f} | {size_ratio} | {_q(r['code'])} | {_q(r['prose'])} "
-            f"| {vs_best} | {speed} |"
+            f"| {name}{edge} | {r['size_bytes'] / 1e6:.0f} | {size_ratio} | {_q(r['code'])} "
+            f"| {_q(r['prose'])} | {vs_best} | {speed} |"
         )
     return "\n".join(out) + "\n"
 
