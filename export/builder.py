@@ -17,7 +17,14 @@ from onnx import TensorProto
 from edge_qwen.config import QwenConfig
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import MS_DOMAIN, Graph
-from edge_qwen.export.linear import QuantizedRef, embedding, linear, tied_lm_head
+from edge_qwen.export.linear import (
+    QuantizedRef,
+    embedding,
+    linear,
+    quantize_weight,
+    quantized_lm_head,
+    tied_lm_head,
+)
 from edge_qwen.export.options import ExportOptions
 from edge_qwen.export.recipe import Recipe
 
@@ -121,9 +128,10 @@ def lm_head(b: Build, x: str, table: np.ndarray, vocab_matrix: QuantizedRef | No
             TensorProto.FLOAT,
             ["batch_size", "logits_length", cfg.hidden_size],
         )
-    return linear(
-        b.g, x, head, None, scheme, "lm_head", "/lm_head", b.accuracy_level, b.calib_stats.get("lm_head")
-    )
+    if scheme.quantized:
+        q = quantize_weight(head, scheme, b.calib_stats.get("lm_head"))
+        return quantized_lm_head(b.g, x, q, b.accuracy_level)
+    return linear(b.g, x, head, None, scheme, "lm_head", "/lm_head", b.accuracy_level)
 
 
 def attention_lengths(g: Graph, mask: str) -> tuple[str, str]:

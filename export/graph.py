@@ -86,16 +86,21 @@ class Graph:
         self.initializers.append(tensor)
         return name
 
-    def alias(self, name: str, existing: str, like: np.ndarray) -> str:
-        """A second initializer over the bytes of `existing`, with the shape and dtype of `like`.
+    def alias(self, name: str, existing: str, like: np.ndarray, start: int = 0) -> str:
+        """A second initializer over bytes of `existing` from `start`, with the shape and dtype of `like`.
 
-        A tied embedding and lm_head share one quantized matrix this way: stored once on disk and, as
-        ONNX Runtime maps aligned external data, mapped once in memory.
+        A tied embedding and lm_head share one quantized matrix this way: stored once on disk, and
+        each lm_head part sees its rows of it.
         """
         source = next(t for t in self.initializers if t.name == existing)
         location = {e.key: e.value for e in source.external_data}
-        if int(location["length"]) != like.nbytes:
-            raise ValueError(f"alias {name}: {like.nbytes} bytes, but {existing} has {location['length']}")
+        if start < 0 or start + like.nbytes > int(location["length"]):
+            raise ValueError(
+                f"alias {name}: bytes [{start}, {start + like.nbytes}) are not within "
+                f"{existing}'s {location['length']}"
+            )
+        location["offset"] = str(int(location["offset"]) + start)
+        location["length"] = str(like.nbytes)
         tensor = TensorProto()
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(like.dtype)

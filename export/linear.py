@@ -17,6 +17,11 @@ from edge_qwen.export.recipe import Scheme
 from edge_qwen.quant import QuantizedMatrix, embedding_view, quantize
 from edge_qwen.quant.gptq import gptq
 
+# Rows per lm_head MatMulNBits. ONNX Runtime packs each MatMulNBits weight at load while the raw bytes
+# are still mapped; as one node, the vocabulary matrix (151,936 rows) alone raised the load's memory
+# peak ~70 MB above the steady state. In parts, the peak is one part's (docs/performance.md).
+LM_HEAD_ROWS = 20480
+
 
 @dataclass(frozen=True)
 class QuantizedRef:
@@ -127,19 +132,61 @@ def embedding(
     return x, ref if shareable else None
 
 
+def quantized_lm_head(g: Graph, x: str, q: QuantizedMatrix, accuracy_level: int) -> str:
+    """lm_head as MatMulNBits over parts of at most LM_HEAD_ROWS rows, their logits concatenated."""
+    parts = row_ranges(q.shape[0], LM_HEAD_ROWS)
+    refs = [add_quantized(g, q.rows(a, b), _part_name("lm_head", i, parts)) for i, (a, b) in enumerate(parts)]
+    return _lm_head_parts(g, x, refs, accuracy_level)
+
+
 def tied_lm_head(g: Graph, x: str, ref: QuantizedRef, accuracy_level: int) -> str:
     """lm_head over the embedding's own quantized bytes, seen in MatMulNBits' shapes (stored once)."""
     q = ref.matrix
-    zeros = q.zero_points
-    shared = QuantizedRef(
-        packed=g.alias("lm_head.weight_q_tied", ref.packed, q.packed),
-        scales=g.alias("lm_head.weight_scales_tied", ref.scales, q.scales.reshape(-1)),
-        zero_points=""
-        if zeros is None
-        else g.alias("lm_head.weight_zero_points_tied", ref.zero_points, zeros.reshape(-1)),
-        matrix=q,
-    )
-    return matmul_nbits(g, x, shared, None, "lm_head", "/lm_head", accuracy_level)
+    refs = []
+    parts = row_ranges(q.shape[0], LM_HEAD_ROWS)
+    for i, (a, b) in enumerate(parts):
+        part = q.rows(a, b)
+        name = _part_name("lm_head", i, parts)
+        zeros = part.zero_points
+        refs.append(
+            QuantizedRef(
+                packed=g.alias(f"{name}.weight_q_tied", ref.packed, part.packed, a * q.packed[0].nbytes),
+                scales=g.alias(
+                    f"{name}.weight_scales_tied", ref.scales, part.scales.reshape(-1), a * q.scales[0].nbytes
+                ),
+                zero_points=""
+                if zeros is None or q.zero_points is None
+                else g.alias(
+                    f"{name}.weight_zero_points_tied",
+                    ref.zero_points,
+                    zeros.reshape(-1),
+                    a * q.zero_points[0].nbytes,
+                ),
+                matrix=part,
+            )
+        )
+    return _lm_head_parts(g, x, refs, accuracy_level)
+
+
+def row_ranges(n: int, rows: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `rows` (a multiple of 64) covering n, in even multiples of 64."""
+    count = -(-n // rows)
+    step = -(-n // (count * 64)) * 64
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _part_name(name: str, i: int, parts: list[tuple[int, int]]) -> str:
+    return name if len(parts) == 1 else f"{name}.part{i}"
+
+
+def _lm_head_parts(g: Graph, x: str, refs: list[QuantizedRef], accuracy_level: int) -> str:
+    if len(refs) == 1:
+        return matmul_nbits(g, x, refs[0], None, "lm_head", "/lm_head", accuracy_level)
+    logits = [
+        matmul_nbits(g, x, ref, None, f"lm_head.part{i}", f"/lm_head/part{i}", accuracy_level)
+        for i, ref in enumerate(refs)
+    ]
+    return g.op("Concat", logits, "/lm_head/Concat", axis=-1)
 
 
 def _float_dtype(scheme: Scheme) -> type:

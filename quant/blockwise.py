@@ -77,6 +77,20 @@ class QuantizedMatrix:
         extra = 0 if self.zero_points is None else self.zero_points.nbytes
         return int(self.packed.nbytes + self.scales.nbytes + extra)
 
+    def rows(self, start: int, stop: int) -> QuantizedMatrix:
+        """Rows [start, stop) of the weight, as views of this matrix's arrays."""
+        if not 0 <= start < stop <= self.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) are not within the weight's {self.shape[0]} rows")
+        return QuantizedMatrix(
+            bits=self.bits,
+            block_size=self.block_size,
+            symmetric=self.symmetric,
+            shape=(stop - start, self.shape[1]),
+            packed=self.packed[start:stop],
+            scales=self.scales[start:stop],
+            zero_points=None if self.zero_points is None else self.zero_points[start:stop],
+        )
+
     def error(self, w: np.ndarray, importance: np.ndarray | None = None) -> QuantError:
         """Error of this quantization against the original weight w (N, K)."""
         return quantization_error(w, self, importance)

@@ -93,6 +93,33 @@ def test_tied_vocabulary_matrix_is_stored_once(tiny: TinyModel, tmp_path: Path) 
         assert where[gather.input[0]] != where[head.input[1]]
 
 
+@pytest.mark.parametrize(
+    "scheme", [{"symmetric": False}, {"symmetric": True, "block_size": 32}], ids=["asym", "sym"]
+)
+def test_lm_head_in_parts_gives_the_same_logits(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: dict
+) -> None:
+    # The real vocabulary is split in 8 parts (memory at load); here 504/512 rows in parts of <= 192.
+    options = {"precision": "int4", "lm_head": "int4", **scheme}
+    whole = export_tiny(tiny.hf_dir, tmp_path / "whole", **options)
+    monkeypatch.setattr("edge_qwen.export.linear.LM_HEAD_ROWS", 192)
+    parts = export_tiny(tiny.hf_dir, tmp_path / "parts", **options)
+    model = onnx.load(str(parts / "model.onnx"), load_external_data=False)
+    heads = [n for n in model.graph.node if n.name.startswith("/lm_head/part")]
+    assert len(heads) == 3 and all(n.op_type == "MatMulNBits" for n in heads)
+    vocab = json.loads((tiny.hf_dir / "config.json").read_text())["vocab_size"]
+    assert sum(next(a.i for a in n.attribute if a.name == "N") for n in heads) == vocab
+    if tiny.tied:  # each part sees its rows of the embedding's bytes: stored once
+        assert (parts / "model.onnx.data").stat().st_size == (whole / "model.onnx.data").stat().st_size
+        gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        table = int(initializer_locations(parts)[gather.input[0]][0])
+        starts = sorted(int(initializer_locations(parts)[n.input[1]][0]) for n in heads)
+        assert starts[0] == table and starts == sorted(set(starts))
+    ids = np.random.default_rng(3).integers(3, 500, 24).tolist()
+    a, b = edge_qwen.load(whole), edge_qwen.load(parts)
+    np.testing.assert_array_equal(a.forward(ids, a.new_cache()), b.forward(ids, b.new_cache()))
+
+
 def test_int4_is_smaller_than_int8_and_fp32(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path) -> None:
     sizes = {
         p: (export_tiny(tiny.hf_dir, tmp_path / p, precision=p) / "model.onnx.data").stat().st_size
