@@ -111,6 +111,25 @@ def count_cores(cpuinfo: str) -> int | None:
     return len(pairs) or None
 
 
+def int8_fallback_warning(recipe: Mapping[str, Any], arch: str, cpuinfo: str) -> str | None:
+    """A warning when an ARM CPU without dot products (a Pi 4's Cortex-A72) would run int8 weights.
+
+    ONNX Runtime has no fp32-compute kernel for 8-bit MatMulNBits: on such a CPU it dequantizes the
+    whole matrix to float32 on every call (docs/performance.md), which it logs only at INFO level.
+    `recipe` is the manifest's quantization recipe: part name -> scheme ("int8 b32 asym gptq") or None.
+    """
+    if arch.lower() not in ("aarch64", "arm64") or "asimddp" in cpuinfo.split():
+        return None
+    int8 = [part for part, scheme in recipe.items() if isinstance(scheme, str) and scheme.startswith("int8")]
+    if not int8 or set(int8) <= {"embeddings"}:  # a gathered table reads one row: no matmul fallback
+        return None
+    return (
+        f"this CPU has no int8 dot-product instructions (asimddp), so the package's int8 weights "
+        f"({', '.join(int8)}) run a slow float32 fallback: for this machine, export an all-int4 package "
+        "(edge-qwen export ... --precision int4 --no-mixed --lm-head int4)"
+    )
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Session options: full optimization, `threads` intra-op threads (default: physical cores), quiet."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

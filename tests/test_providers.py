@@ -15,9 +15,11 @@ from edge_qwen.providers import (
     CPU,
     ProviderUnavailableError,
     count_cores,
+    int8_fallback_warning,
     ort_provider_name,
     session_providers,
 )
+from tests.conftest import TinyModel, export_tiny
 
 
 @pytest.mark.parametrize(
@@ -106,3 +108,37 @@ def test_physical_cores_from_cpuinfo() -> None:
     assert count_cores(X86_SMT) == 4
     assert count_cores(RASPBERRY_PI) is None  # no core ids: every logical CPU is a core
     assert 1 <= providers.physical_cores() <= (os.cpu_count() or 1)
+
+
+A72 = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n"
+A76 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp\n"
+MIXED = {
+    "body": "int4 b32 asym gptq",
+    "lm_head": "int4 b32 asym gptq",
+    "sensitive (...)": "int8 b32 asym gptq",
+}
+
+
+def test_int8_fallback_warning_names_the_fix_on_a_cpu_without_dot_products() -> None:
+    warning = int8_fallback_warning(MIXED, "aarch64", A72)
+    assert warning is not None and "asimddp" in warning and "--no-mixed" in warning and "sensitive" in warning
+    assert int8_fallback_warning(MIXED, "aarch64", A76) is None  # dotprod: int8 kernels
+    assert int8_fallback_warning(MIXED, "x86_64", "flags\t: fpu sse2 avx2\n") is None
+    all_int4 = {**MIXED, "sensitive (...)": None}
+    assert int8_fallback_warning(all_int4, "aarch64", A72) is None
+    assert int8_fallback_warning({**all_int4, "embeddings": "int8 b32 asym rtn"}, "aarch64", A72) is None
+    assert int8_fallback_warning({"body": "fp32"}, "arm64", A72) is None
+
+
+@pytest.mark.parametrize("tiny", [True], ids=["tied"], indirect=True)
+def test_load_warns_once_where_int8_weights_would_fall_back(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    mixed = export_tiny(tiny.hf_dir, tmp_path / "mixed", precision="int4")  # int8 sensitive tensors
+    all_int4 = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", mixed=False, lm_head="int4")
+    monkeypatch.setattr("edge_qwen.model.platform.machine", lambda: "aarch64")  # this x86 has no asimddp
+    with caplog.at_level(logging.WARNING, logger="edge_qwen.model"):
+        edge_qwen.load(mixed)
+        edge_qwen.load(all_int4)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge_qwen.model"]
+    assert len(warnings) == 1 and "--no-mixed" in warnings[0]
