@@ -69,7 +69,16 @@ for _block in (32, 64, 128):
         "block_size": _block,
         "lm_head": "int4",
     }
-# The fastest kernels: symmetric int4 everywhere, no int8 layers (see docs/quantization.md).
+# No int8 layers: the fastest decode at each block size (see docs/performance.md).
+for _block in (32, 64):
+    OURS[f"int4-gptq-b{_block}-head4-nomix"] = {
+        "precision": "int4",
+        "algo": "gptq",
+        "block_size": _block,
+        "lm_head": "int4",
+        "mixed": False,
+    }
+# The fastest ARM kernels: symmetric int4 everywhere, no int8 layers (see docs/quantization.md).
 for _block in (32, 64):
     OURS[f"int4-gptq-sym-b{_block}-head4-nomix"] = {
         "precision": "int4",

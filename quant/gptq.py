@@ -5,11 +5,18 @@ With H = X^T X / n from calibration activations X (n, K), it minimizes ||X W^T -
 ||W - Q||: errors go where the inputs cannot see them. Each block of `block_size` columns gets its
 scale and zero point from the importance-weighted least-squares search (kquant) on the columns as
 they stand when the block is reached. Output: the same MatMulNBits layout as `quantize`.
+
+Order ("act order"): errors only flow to columns not yet quantized, so the columns the inputs weigh
+most go first. MatMulNBits needs each block's columns together, so whole blocks are taken in order of
+their summed diag(H), and columns within a block in order of their own; the block's scale is fitted
+before any of its columns is quantized, so the order within it is free. Measured on the real 0.5B's
+layers at block 64, the layer output error tr(dW H dW^T) fell 2-25% (docs/quantization.md).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,24 +35,19 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetr
         raise ValueError(
             f"hessian must be ({cols}, {cols}) for a weight of shape {w.shape}, got {hessian.shape}"
         )
-    work = np.array(w, dtype=np.float32)  # (N, K), updated in place as errors are compensated
-    u, weights = _inverse_cholesky(hessian, work)  # u: upper Cholesky factor of H^-1 (K, K)
     n_blocks = math.ceil(cols / block_size)
-    codes = np.empty((rows, n_blocks * block_size), dtype=np.uint8)
-    scales = np.empty((rows, n_blocks), dtype=np.float32)
-    zeros = np.empty((rows, n_blocks), dtype=np.uint8)
-    for b in range(n_blocks):
-        c0, c1 = b * block_size, min(cols, (b + 1) * block_size)
-        block = np.zeros((rows, 1, block_size), dtype=np.float32)
-        block[:, 0, : c1 - c0] = work[:, c0:c1]
-        block_weights = np.zeros((1, block_size), dtype=np.float32)
-        block_weights[0, : c1 - c0] = weights[c0:c1]
-        fit = algos.kquant(block, block_weights, bits, symmetric)
-        scales[:, b], zeros[:, b] = fit.scales[:, 0], fit.zero_points[:, 0]
-        codes[:, c0:c1] = _quantize_columns(
-            work, u, c0, c1, scales[:, b], zeros[:, b].astype(np.float32), bits
-        )
-        codes[:, c1 : (b + 1) * block_size] = zeros[:, b : b + 1]  # K padding dequantizes to 0
+    order = act_order(np.diag(hessian), block_size, n_blocks)
+    padded = np.zeros((rows, n_blocks * block_size), dtype=np.float32)
+    padded[:, :cols] = w
+    h = np.zeros((n_blocks * block_size,) * 2, dtype=np.float64)
+    h[:cols, :cols] = hessian
+    q = _gptq_in_order(padded[:, order], h[np.ix_(order, order)], bits, block_size, symmetric)
+    codes = np.empty_like(q.codes)
+    codes[:, order] = q.codes
+    block_order = order[::block_size] // block_size
+    scales = np.empty_like(q.scales)
+    zeros = np.empty_like(q.zeros)
+    scales[:, block_order], zeros[:, block_order] = q.scales, q.zeros
     return QuantizedMatrix(
         bits=bits,
         block_size=block_size,
@@ -55,6 +57,49 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetr
         scales=scales,
         zero_points=None if symmetric else pack_zero_points(zeros, bits),
     )
+
+
+def act_order(importance: np.ndarray, block_size: int, n_blocks: int) -> np.ndarray:
+    """Column order: blocks by decreasing summed importance, within each by decreasing importance.
+
+    `importance` (K,) is padded with zeros to whole blocks; padding columns come last in their block.
+    """
+    d = np.zeros(n_blocks * block_size, dtype=np.float64)
+    d[: len(importance)] = np.maximum(importance, 0)
+    per_block = d.reshape(n_blocks, block_size)
+    blocks = np.argsort(-per_block.sum(axis=1), kind="stable")
+    within = np.argsort(-per_block[blocks], axis=1, kind="stable")
+    return (blocks[:, None] * block_size + within).reshape(-1)
+
+
+@dataclass
+class _Quantized:
+    codes: np.ndarray  # (N, K) uint8, in the order quantized
+    scales: np.ndarray  # (N, n_blocks) float32
+    zeros: np.ndarray  # (N, n_blocks) uint8
+
+
+def _gptq_in_order(
+    w: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool
+) -> _Quantized:
+    """GPTQ over whole blocks of w (N, n_blocks * block_size) taken left to right."""
+    rows, cols = w.shape
+    work = np.array(w, dtype=np.float32)  # (N, K), updated in place as errors are compensated
+    u, weights = _inverse_cholesky(hessian, work)  # u: upper Cholesky factor of H^-1 (K, K)
+    n_blocks = cols // block_size
+    codes = np.empty((rows, n_blocks * block_size), dtype=np.uint8)
+    scales = np.empty((rows, n_blocks), dtype=np.float32)
+    zeros = np.empty((rows, n_blocks), dtype=np.uint8)
+    for b in range(n_blocks):
+        c0, c1 = b * block_size, (b + 1) * block_size
+        block = work[:, None, c0:c1].copy()
+        fit = algos.kquant(block, weights[None, c0:c1], bits, symmetric)
+        scales[:, b], zeros[:, b] = fit.scales[:, 0], fit.zero_points[:, 0]
+        # Padding past K is a dead column (no input reaches it): zeroed, it takes the zero point's code.
+        codes[:, c0:c1] = _quantize_columns(
+            work, u, c0, c1, scales[:, b], zeros[:, b].astype(np.float32), bits
+        )
+    return _Quantized(codes, scales, zeros)
 
 
 def _inverse_cholesky(hessian: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_qwen.quant import dequantize, quantize
-from edge_qwen.quant.gptq import gptq
+from edge_qwen.quant.gptq import act_order, gptq
 
 
 def correlated_inputs(k: int, n: int, seed: int = 0) -> np.ndarray:
@@ -51,3 +51,24 @@ def test_dead_inputs_are_zeroed_not_nan() -> None:
 def test_hessian_shape_is_checked() -> None:
     with pytest.raises(ValueError, match=r"hessian must be \(64, 64\)"):
         gptq(np.zeros((8, 64), np.float32), np.eye(32, dtype=np.float32), 4, 32, False)
+
+
+def test_act_order_takes_whole_blocks_most_important_first() -> None:
+    importance = np.array([1, 9, 2, 3, 8, 8, 0, 5, 4, 1], dtype=np.float64)  # K = 10, blocks of 4
+    order = act_order(importance, 4, 3)  # padded to 12
+    assert sorted(order) == list(range(12))
+    chunks = order.reshape(3, 4)
+    assert all(len(set(c // 4)) == 1 for c in chunks)  # each chunk is one block, whole
+    assert [c[0] // 4 for c in chunks] == [1, 0, 2]  # sums 21, 15, 5
+    assert chunks[0].tolist() == [4, 5, 7, 6] and chunks[2].tolist() == [8, 9, 10, 11]
+
+
+def test_act_order_lowers_the_error_when_important_inputs_come_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    k = 256
+    x = correlated_inputs(k, 4096, seed=3) * np.linspace(0.1, 3.0, k)  # importance grows along K
+    w = np.random.default_rng(4).standard_normal((64, k)).astype(np.float32) * 0.05
+    hessian = (x.T @ x / len(x)).astype(np.float32)
+    ordered = output_error(w, dequantize(gptq(w, hessian, 4, 32, False)), x)
+    monkeypatch.setattr("edge_qwen.quant.gptq.act_order", lambda d, b, n: np.arange(n * b))
+    left_to_right = output_error(w, dequantize(gptq(w, hessian, 4, 32, False)), x)
+    assert ordered < 0.97 * left_to_right
