@@ -46,6 +46,8 @@ class KVCache:
         self._values = [
             (ort.OrtValue.ortvalue_from_numpy(k), ort.OrtValue.ortvalue_from_numpy(v)) for k, v in self.layers
         ]
+        self._binding: ort.IOBinding | None = None
+        self._bound_to: ort.InferenceSession | None = None
 
     @property
     def length(self) -> int:
@@ -55,6 +57,19 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def binding(self, session: ort.InferenceSession) -> ort.IOBinding:
+        """An IOBinding of `session` with every layer bound (made once per session: the buffers stay put).
+
+        The caller binds the per-run inputs before each run. "logits" is bound first, so that it stays
+        get_outputs()[0]: binding a name again replaces it in place.
+        """
+        if self._binding is None or self._bound_to is not session:
+            self._binding = session.io_binding()
+            self._bound_to = session
+            self._binding.bind_output("logits")
+            self.bind(self._binding)
+        return self._binding
 
     def bind(self, binding: ort.IOBinding) -> None:
         """Bind every layer's past input and present output to the same buffer."""

@@ -99,12 +99,11 @@ class Model:
         return logits
 
     def _run(self, chunk: np.ndarray, cache: KVCache) -> np.ndarray:
-        binding = self.session.io_binding()
+        binding = cache.binding(self.session)  # the layers' buffers, bound once
         total = cache.length + chunk.size
         binding.bind_cpu_input("input_ids", chunk.reshape(1, -1))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        binding.bind_output("logits")  # first, so that it is get_outputs()[0]
-        cache.bind(binding)
+        binding.bind_output("logits")  # unallocated each run: a returned array is never written again
         self.session.run_with_iobinding(binding)
         cache.append(chunk)
         logits = binding.get_outputs()[0].numpy()  # (1, 1 | chunk, vocab)
