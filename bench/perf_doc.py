@@ -479,12 +479,13 @@ takes most of the loss.
 which our sessions do not show. That is 8 more bytes of traffic per int8 weight and token (the fp32 \
 copy written, then read). For the default int4 recipe's int8 tensors, per token: {extra}.
 
-What the runtime does about it today: nothing automatic. ONNX Runtime falls back correctly (fp32 \
-compute is, if anything, more accurate), and `edge-qwen bench` prints the CPU's kernel-relevant \
-features (no `asimddp` on a Pi 4) so that the fallback shows in its report. For a Pi 4, export \
-without int8 matrices (`edge-qwen export ... --no-mixed`, lm_head int4) so that only the 4-bit \
-fp32-compute kernels run. Not done yet: a load-time warning, or `pull` picking the all-int4 recipe, \
-when /proc/cpuinfo lacks `asimddp` and the graph holds 8-bit `MatMulNBits`.
+What the runtime does about it: ONNX Runtime falls back correctly (fp32 compute is, if anything, \
+more accurate), and `edge_qwen.load` logs one warning when the machine is ARM, /proc/cpuinfo lacks \
+`asimddp` and the package's recipe holds int8 matrices, naming the fix: export without int8 matrices \
+(`edge-qwen export ... --no-mixed --lm-head int4`) so that only the 4-bit fp32-compute kernels run \
+(`int8_fallback_warning` in edge_qwen/providers.py; tests/test_providers.py). `edge-qwen bench` \
+prints the CPU's kernel-relevant features (no `asimddp` on a Pi 4), so the fallback shows in its \
+report too. Not done: `pull` picking the all-int4 recipe by itself on such a CPU.
 """
 
 
