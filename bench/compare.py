@@ -37,6 +37,7 @@ import perf_doc  # bench/ is on sys.path when this runs as a script
 
 from edge_qwen.benchmark import machine_info, package_size, vm_hwm_bytes
 from edge_qwen.config import QwenConfig
+from edge_qwen.export import source_fingerprint
 from edge_qwen.export.calibrate import cached_statistics
 from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
 from edge_qwen.export.options import ExportOptions, default_options
@@ -291,18 +292,26 @@ def ensure_package(gguf: Path, out: Path) -> Path:
     stats = None
     if opts.needs_calibration:  # kept where bench/quality.py keeps the same statistics
         stats = cached_statistics(ckpt, builtin_text("calibration"), opts.needs_hessians, BENCH_HOME)
-    return write_package(ckpt, out, opts, overwrite=True, calib_stats=stats)
+    write_package(ckpt, out, opts, overwrite=True, calib_stats=stats)
+    return mark_current(out)
 
 
 def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
-    """Whether `package` was exported with `opts`' quantization recipe and accuracy level."""
+    """Whether `package` was exported by this exporter's source with `opts`' recipe and accuracy level."""
     manifest = package / MANIFEST
-    if not manifest.is_file():
+    marker = package.with_name(package.name + ".exported-by")
+    if not manifest.is_file() or not marker.is_file() or marker.read_text() != source_fingerprint():
         return False
     quantization = json.loads(manifest.read_text())["quantization"]
     return quantization["recipe"] == opts.recipe_for(config).to_dict() and (
         quantization["accuracy_level"] == opts.accuracy_level
     )
+
+
+def mark_current(package: Path) -> Path:
+    """Record (next to it) which exporter source wrote `package`, for is_current."""
+    package.with_name(package.name + ".exported-by").write_text(source_fingerprint())
+    return package
 
 
 def curve_options() -> ExportOptions:
@@ -361,6 +370,7 @@ def run_curve(args: argparse.Namespace, work: Path, real_package: Path) -> list[
         if not is_current(out, opts, config):
             print(f"curve: exporting {size} (random weights)", file=sys.stderr, flush=True)
             write_package(random_checkpoint(config, tokenizer, size), out, opts, overwrite=True)
+            mark_current(out)
         print(f"curve: bench {size}", file=sys.stderr, flush=True)
         rows.append({"size": size, **run_ours(out, args, args.rounds)})
     print("\nsize   on disk MB   decode tok/s   peak RSS MB   MB/token   of probe")

@@ -7,7 +7,6 @@ clone, keyed by a hash of the exporter's source so that a change to the exporter
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -36,11 +35,9 @@ def cache_dir() -> Path:
 
 
 def exporter_hash() -> str:
-    h = hashlib.sha256()
-    for folder in ("export", "quant"):
-        for file in sorted((REPO / folder).rglob("*.py")):
-            h.update(file.read_bytes())
-    return h.hexdigest()[:12]
+    from edge_qwen.export import source_fingerprint
+
+    return source_fingerprint()
 
 
 def hf_folder() -> Path:
