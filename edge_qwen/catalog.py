@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_qwen.errors import EdgeQwenError
-from edge_qwen.package import MANIFEST, read_manifest
+from edge_qwen.package import MANIFEST, exclusive, read_manifest
 from edge_qwen.sources import Source, SourceError, first_line, source_from_dict
 
 if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
@@ -196,6 +196,16 @@ def pull(
     out = package_dir(entry.name, precision)
     if _is_package(out) and not force:
         return out
+    # One pull at a time per cache (the packages folder is the lock): a second pull of the same model
+    # waits, then finds the package made instead of downloading and exporting it again.
+    waiting = f"another edge-qwen is pulling into {out.parent}: waiting for it to finish"
+    with exclusive(out.parent, waiting):
+        if _is_package(out) and not force:
+            return out
+        return _pull_sources(entry, out, opts, force, progress)
+
+
+def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:
     reasons = []
     for i, source in enumerate(entry.sources):
         try:

@@ -1,15 +1,24 @@
-"""The model package on disk: the manifest `edge_qwen.json` and its checks."""
+"""The model package on disk: the manifest `edge_qwen.json`, its checks, and atomic writes."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_qwen.config import QwenConfig
 from edge_qwen.errors import PackageError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "edge_qwen.json"
 FORMAT = "edge-qwen-package"
@@ -89,3 +98,66 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---- atomic writes: work folders and locks ------------------------------------------------------
+
+PARTIAL = ".partial"
+# A work folder that names no owner (made before owners were recorded) is stale after this long.
+UNOWNED_STALE_SECONDS = 24 * 3600
+
+
+def work_dir(parent: Path, stem: str) -> Path:
+    """A fresh hidden folder `.<stem>.<pid>.<random>.partial` in `parent`, for work that becomes real
+    by a rename; first, work folders of runs that died before cleaning up (SIGKILL, power loss) are
+    removed, so that they do not fill a small card.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_work(parent)
+    return Path(tempfile.mkdtemp(prefix=f".{stem}.{os.getpid()}.", suffix=PARTIAL, dir=parent))
+
+
+def sweep_stale_work(parent: Path) -> list[Path]:
+    """Remove the `.partial` work folders in `parent` whose owner process is gone; returns them."""
+    removed = []
+    for path in parent.glob(f".*{PARTIAL}"):
+        if path.is_dir() and not _owner_alive(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _owner_alive(path: Path) -> bool:
+    fields = path.name[: -len(PARTIAL)].split(".")
+    pid = int(fields[-2]) if len(fields) >= 3 and fields[-2].isdigit() else None
+    if pid is None:
+        return time.time() - path.stat().st_mtime < UNOWNED_STALE_SECONDS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+@contextmanager
+def exclusive(folder: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` itself (made if missing; no lock file is left) within; log
+    `waiting` once if another process holds it. Where there is no fcntl (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s", waiting)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

