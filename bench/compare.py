@@ -298,8 +298,7 @@ def ensure_package(gguf: Path, out: Path) -> Path:
 
 def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
     """Whether `package` was exported by this exporter's source with `opts`' recipe and accuracy level."""
-    manifest = package / MANIFEST
-    marker = package.with_name(package.name + ".exported-by")
+    manifest, marker = package / MANIFEST, _marker(package)
     if not manifest.is_file() or not marker.is_file() or marker.read_text() != source_fingerprint():
         return False
     quantization = json.loads(manifest.read_text())["quantization"]
@@ -310,8 +309,12 @@ def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
 
 def mark_current(package: Path) -> Path:
     """Record (next to it) which exporter source wrote `package`, for is_current."""
-    package.with_name(package.name + ".exported-by").write_text(source_fingerprint())
+    _marker(package).write_text(source_fingerprint())
     return package
+
+
+def _marker(package: Path) -> Path:
+    return package.with_name(package.name + ".exported-by")
 
 
 def curve_options() -> ExportOptions:

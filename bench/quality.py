@@ -40,54 +40,27 @@ SHARED = REPO.parent / "shared"
 PEERS = Path(os.environ.get("EDGE_QWEN_PEERS", Path.home() / ".cache" / "edge-qwen-peers"))
 
 OURS: dict[str, dict[str, Any]] = {"fp16": {"precision": "fp16"}, "int8-kquant-b32": {"precision": "int8"}}
+
+
+def _int4(algo: str, block: int, **recipe: Any) -> dict[str, Any]:
+    return {"precision": "int4", "algo": algo, "block_size": block, **recipe}
+
+
 for _algo in ("rtn", "kquant", "imatrix"):
     for _block in (32, 64, 128):
-        OURS[f"int4-{_algo}-b{_block}"] = {"precision": "int4", "algo": _algo, "block_size": _block}
+        OURS[f"int4-{_algo}-b{_block}"] = _int4(_algo, _block)
 for _block in (32, 64, 128):
-    OURS[f"int4-gptq-b{_block}-head4"] = {
-        "precision": "int4",
-        "algo": "gptq",
-        "block_size": _block,
-        "lm_head": "int4",
-    }
-    OURS[f"int4-gptq-sym-b{_block}-head4"] = {
-        "precision": "int4",
-        "algo": "gptq",
-        "block_size": _block,
-        "lm_head": "int4",
-        "symmetric": True,
-    }
-    OURS[f"int4-imatrix-sym-b{_block}"] = {
-        "precision": "int4",
-        "algo": "imatrix",
-        "block_size": _block,
-        "symmetric": True,
-    }
-    OURS[f"int4-imatrix-b{_block}-head4"] = {
-        "precision": "int4",
-        "algo": "imatrix",
-        "block_size": _block,
-        "lm_head": "int4",
-    }
-# No int8 layers: the fastest decode at each block size (see docs/performance.md).
-for _block in (32, 64):
-    OURS[f"int4-gptq-b{_block}-head4-nomix"] = {
-        "precision": "int4",
-        "algo": "gptq",
-        "block_size": _block,
-        "lm_head": "int4",
-        "mixed": False,
-    }
-# The fastest ARM kernels: symmetric int4 everywhere, no int8 layers (see docs/quantization.md).
-for _block in (32, 64):
-    OURS[f"int4-gptq-sym-b{_block}-head4-nomix"] = {
-        "precision": "int4",
-        "algo": "gptq",
-        "block_size": _block,
-        "lm_head": "int4",
-        "symmetric": True,
-        "mixed": False,
-    }
+    OURS[f"int4-gptq-b{_block}-head4"] = _int4("gptq", _block, lm_head="int4")
+    OURS[f"int4-gptq-sym-b{_block}-head4"] = _int4("gptq", _block, lm_head="int4", symmetric=True)
+    OURS[f"int4-imatrix-sym-b{_block}"] = _int4("imatrix", _block, symmetric=True)
+    OURS[f"int4-imatrix-b{_block}-head4"] = _int4("imatrix", _block, lm_head="int4")
+# No int8 layers: the fastest decode at each block size (docs/performance.md); symmetric is what
+# ONNX Runtime's fastest ARM kernels take (docs/quantization.md).
+for _sym in ("", "-sym"):
+    for _block in (32, 64):
+        OURS[f"int4-gptq{_sym}-b{_block}-head4-nomix"] = _int4(
+            "gptq", _block, lm_head="int4", mixed=False, **({"symmetric": True} if _sym else {})
+        )
 PEER_ROWS = {
     "ort-genai-int4": "ortgenai-int4-qwen2.5-coder-0.5b-instruct",
     "ort-genai-int4-kqmixed": "ortgenai-int4-kqmixed",

@@ -38,7 +38,7 @@ from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.config import QwenConfig
 from edge_qwen.model import Model, check_context, load
 from edge_qwen.package import read_manifest
-from edge_qwen.providers import physical_cores
+from edge_qwen.providers import cpuinfo_text, physical_cores
 
 PROMPT_SEED = 0
 PROBE_BYTES = 512 << 20  # far past any cache: the probe reads memory, not L3
@@ -324,8 +324,7 @@ def package_size(root: Path) -> int:
 
 def machine_info() -> Machine:
     """CPU name, architecture and the kernel-relevant features, from /proc/cpuinfo where there is one."""
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu, features = parse_cpuinfo(cpuinfo.read_text() if cpuinfo.is_file() else "")
+    cpu, features = parse_cpuinfo(cpuinfo_text())
     return Machine(
         cpu=cpu or platform.processor() or "unknown",
         arch=platform.machine(),

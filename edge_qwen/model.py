@@ -22,7 +22,7 @@ from edge_qwen.chat_template import ChatTemplate
 from edge_qwen.errors import ContextFullError, PackageError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
 from edge_qwen.package import Manifest, read_manifest
-from edge_qwen.providers import int8_fallback_warning, session_options, session_providers
+from edge_qwen.providers import cpuinfo_text, int8_fallback_warning, session_options, session_providers
 from edge_qwen.sampling import Sampler
 from edge_qwen.session import ChatSession
 
@@ -289,11 +289,8 @@ def load(
         fix = "re-export the model" if on_cpu else f"provider {provider!r} may not run it: try provider='cpu'"
         raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
-    cpuinfo = Path("/proc/cpuinfo")
     recipe = (manifest.raw.get("quantization") or {}).get("recipe") or {}
-    warning = int8_fallback_warning(
-        recipe, platform.machine(), cpuinfo.read_text() if cpuinfo.is_file() else ""
-    )
+    warning = int8_fallback_warning(recipe, platform.machine(), cpuinfo_text())
     if warning:
         log.warning("%s", warning)
     return Model(root, manifest, session, tokenizer)

@@ -86,11 +86,16 @@ def session_providers(
     return [(wanted, opts), CPU]
 
 
+def cpuinfo_text() -> str:
+    """/proc/cpuinfo, or "" where there is none (macOS, Windows)."""
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.is_file() else ""
+
+
 def physical_cores() -> int:
     """Physical cores this process may use: distinct (physical id, core id) pairs, within its affinity."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cpuinfo = Path("/proc/cpuinfo")
-    cores = count_cores(cpuinfo.read_text()) if cpuinfo.is_file() else None
+    cores = count_cores(cpuinfo_text())
     return max(1, min(cores, usable)) if cores else usable
 
 

@@ -147,7 +147,7 @@ def tied_lm_head(g: Graph, x: str, ref: QuantizedRef, accuracy_level: int) -> st
     for i, (a, b) in enumerate(parts):
         part = q.rows(a, b)
         name = _part_name("lm_head", i, parts)
-        zeros = part.zero_points
+        zeros = part.zero_points  # None exactly when the whole matrix has none (symmetric)
         refs.append(
             QuantizedRef(
                 packed=g.alias(f"{name}.weight_q_tied", ref.packed, part.packed, a * q.packed[0].nbytes),
@@ -155,12 +155,9 @@ def tied_lm_head(g: Graph, x: str, ref: QuantizedRef, accuracy_level: int) -> st
                     f"{name}.weight_scales_tied", ref.scales, part.scales.reshape(-1), a * q.scales[0].nbytes
                 ),
                 zero_points=""
-                if zeros is None or q.zero_points is None
+                if zeros is None
                 else g.alias(
-                    f"{name}.weight_zero_points_tied",
-                    ref.zero_points,
-                    zeros.reshape(-1),
-                    a * q.zero_points[0].nbytes,
+                    f"{name}.weight_zero_points_tied", ref.zero_points, zeros.reshape(-1), a * zeros[0].nbytes
                 ),
                 matrix=part,
             )

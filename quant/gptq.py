@@ -39,18 +39,19 @@ def gptq(
             f"hessian must be ({cols}, {cols}) for a weight of shape {w.shape}, got {hessian.shape}"
         )
     n_blocks = math.ceil(cols / block_size)
-    order = act_order(np.diag(hessian), block_size, n_blocks) if ordered else np.arange(n_blocks * block_size)
-    padded = np.zeros((rows, n_blocks * block_size), dtype=np.float32)
-    padded[:, :cols] = w
-    h = np.zeros((n_blocks * block_size,) * 2, dtype=np.float64)
-    h[:cols, :cols] = hessian
-    q = _gptq_in_order(padded[:, order], h[np.ix_(order, order)], bits, block_size, symmetric)
-    codes = np.empty_like(q.codes)
-    codes[:, order] = q.codes
-    block_order = order[::block_size] // block_size
-    scales = np.empty_like(q.scales)
-    zeros = np.empty_like(q.zeros)
-    scales[:, block_order], zeros[:, block_order] = q.scales, q.zeros
+    w, hessian = _pad_to_blocks(w, hessian, n_blocks * block_size)
+    if not ordered:
+        q = _gptq_in_order(w, hessian, bits, block_size, symmetric)
+        codes, scales, zeros = q.codes, q.scales, q.zeros
+    else:
+        order = act_order(np.diag(hessian), block_size, n_blocks)
+        q = _gptq_in_order(w[:, order], hessian[np.ix_(order, order)], bits, block_size, symmetric)
+        codes = np.empty_like(q.codes)
+        codes[:, order] = q.codes
+        block_order = order[::block_size] // block_size
+        scales = np.empty_like(q.scales)
+        zeros = np.empty_like(q.zeros)
+        scales[:, block_order], zeros[:, block_order] = q.scales, q.zeros
     return QuantizedMatrix(
         bits=bits,
         block_size=block_size,
@@ -62,13 +63,25 @@ def gptq(
     )
 
 
+def _pad_to_blocks(w: np.ndarray, hessian: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """w (N, K) and H (K, K) zero-padded to k columns (dead inputs); as they are when K == k."""
+    cols = w.shape[1]
+    if cols == k:
+        return w, hessian
+    padded = np.zeros((w.shape[0], k), dtype=np.float32)
+    padded[:, :cols] = w
+    h = np.zeros((k, k), dtype=hessian.dtype)
+    h[:cols, :cols] = hessian
+    return padded, h
+
+
 def act_order(importance: np.ndarray, block_size: int, n_blocks: int) -> np.ndarray:
     """Column order: blocks by decreasing summed importance, within each by decreasing importance.
 
     `importance` (K,) is padded with zeros to whole blocks; padding columns come last in their block.
     """
     d = np.zeros(n_blocks * block_size, dtype=np.float64)
-    d[: len(importance)] = np.maximum(importance, 0)
+    d[: len(importance)] = np.maximum(importance, 0)  # already whole blocks when gptq() calls it
     per_block = d.reshape(n_blocks, block_size)
     blocks = np.argsort(-per_block.sum(axis=1), kind="stable")
     within = np.argsort(-per_block[blocks], axis=1, kind="stable")
