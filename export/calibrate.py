@@ -30,15 +30,20 @@ CALIBRATION_CHUNKS = 16  # 8,192 tokens
 
 
 def cached_statistics(
-    ckpt: Checkpoint, text: Text, full: bool, cache_dir: Path, show_progress: bool = True
+    ckpt: Checkpoint,
+    text: Text,
+    full: bool,
+    cache_dir: Path,
+    show_progress: bool = True,
+    max_chunks: int = CALIBRATION_CHUNKS,
 ) -> dict[str, np.ndarray]:
     """collect_statistics, kept in cache_dir as .npz keyed by checkpoint, text and kind (no pickles)."""
-    key = f"{ckpt.source_sha256} {text.sources} {CALIBRATION_CTX} {CALIBRATION_CHUNKS} {full}"
+    key = f"{ckpt.source_sha256} {text.sources} {CALIBRATION_CTX} {max_chunks} spread {full}"
     path = cache_dir / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    stats = collect_statistics(ckpt, text, full, cache_dir, show_progress)
+    stats = collect_statistics(ckpt, text, full, cache_dir, show_progress, max_chunks=max_chunks)
     tmp = path.with_suffix(".partial.npz")
     np.savez(tmp, **stats)
     os.replace(tmp, path)
@@ -69,7 +74,7 @@ def collect_statistics(
         names = [o.name for o in session.get_outputs() if o.name.startswith(CALIBRATION_PREFIX)]
         tokenizer = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json)
         ids = tokenizer.encode(text.text, add_special_tokens=False).ids
-        chunks = [ids[i : i + ctx] for i in range(0, min(len(ids), ctx * max_chunks), ctx)]
+        chunks = calibration_chunks(ids, ctx, max_chunks)
         sums: dict[str, np.ndarray] = {}
         for chunk in tqdm(chunks, desc="calibrate", unit="chunk", disable=not show_progress):
             outputs = session.run(names, _feeds(ckpt, np.asarray(chunk, np.int64)))
@@ -91,6 +96,29 @@ def collect_statistics(
         return stats
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def calibration_record(text: Text) -> dict[str, object]:
+    """What a manifest says about calibration: the text, and which of its tokens were taken."""
+    return {
+        **text.describe(),
+        "windows": CALIBRATION_CHUNKS,
+        "window_tokens": CALIBRATION_CTX,
+        "placement": "spread evenly over the text",
+    }
+
+
+def calibration_chunks(ids: list[int], ctx: int, max_chunks: int) -> list[list[int]]:
+    """Up to max_chunks windows of ctx tokens spread evenly over the whole text.
+
+    The built-in text is code followed by prose; its first 8,192 tokens are all one module
+    (argparse.py), so taking chunks from the start calibrated on that alone.
+    """
+    windows = max(1, len(ids) // ctx)
+    if windows <= max_chunks:
+        return [ids[i : i + ctx] for i in range(0, min(len(ids), ctx * max_chunks), ctx)]
+    starts = np.linspace(0, windows - 1, max_chunks).round().astype(int) * ctx
+    return [ids[s : s + ctx] for s in starts]
 
 
 def _feeds(ckpt: Checkpoint, chunk: np.ndarray) -> dict[str, np.ndarray]:

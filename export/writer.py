@@ -18,11 +18,11 @@ from edge_qwen import __version__
 from edge_qwen.cache import available_memory
 from edge_qwen.config import QwenConfig
 from edge_qwen.export.builder import build_graph, io_names
-from edge_qwen.export.calibrate import collect_statistics
+from edge_qwen.export.calibrate import calibration_record, collect_statistics
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts, save_model
 from edge_qwen.export.options import ExportOptions
-from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, work_dir
+from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file, work_dir
 from edge_qwen.quant.texts import Text, builtin_text
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def _write_contents(
     steps = ckpt.config.num_hidden_layers + 2  # embeddings, each layer, lm_head
     with (
         tqdm(total=steps, desc="export", unit="step", disable=not show_progress) as bar,
-        open(root / "model.onnx.data", "wb") as data,
+        open(root / WEIGHTS, "wb") as data,
     ):
-        graph = Graph(data, "model.onnx.data")
+        graph = Graph(data, WEIGHTS)
         started = []
 
         def progress(what: str) -> None:  # called as each step starts
@@ -114,7 +114,7 @@ def _write_contents(
             "quantization": {
                 "recipe": opts.recipe_for(ckpt.config).to_dict(),
                 "accuracy_level": opts.accuracy_level,
-                "calibration": calibration_text.describe() if calibration_text else None,
+                "calibration": calibration_record(calibration_text) if calibration_text else None,
             },
             "max_context": opts.max_context,
             "logits": opts.logits,

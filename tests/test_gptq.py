@@ -1,10 +1,11 @@
-"""GPTQ: lower output error than per-block rounding when the inputs are correlated."""
+"""GPTQ: lower output error than rounding when the inputs are correlated; its calibration windows."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from edge_qwen.export.calibrate import calibration_chunks
 from edge_qwen.quant import dequantize, quantize
 from edge_qwen.quant.gptq import act_order, gptq
 
@@ -71,3 +72,17 @@ def test_act_order_lowers_the_error_when_important_inputs_come_last() -> None:
     ordered = output_error(w, dequantize(gptq(w, hessian, 4, 32, False, ordered=True)), x)
     left_to_right = output_error(w, dequantize(gptq(w, hessian, 4, 32, False)), x)
     assert ordered < 0.97 * left_to_right
+
+
+def test_calibration_windows_span_the_whole_text() -> None:
+    ids = list(range(10 * 512 + 100))  # ten whole windows and a tail
+    chunks = calibration_chunks(ids, 512, 4)
+    assert [c[0] for c in chunks] == [0, 3 * 512, 6 * 512, 9 * 512]  # first and last window included
+    assert all(len(c) == 512 for c in chunks)
+
+
+def test_a_short_calibration_text_is_taken_whole() -> None:
+    ids = list(range(3 * 512 + 100))
+    chunks = calibration_chunks(ids, 512, 16)
+    assert [len(c) for c in chunks] == [512, 512, 512, 100]
+    assert sum(chunks, []) == ids
