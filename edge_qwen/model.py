@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import os
 import platform
 import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
@@ -21,7 +19,8 @@ from edge_qwen.cache import KVCache, default_cache_len
 from edge_qwen.chat_template import ChatTemplate
 from edge_qwen.errors import ContextFullError, PackageError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
-from edge_qwen.package import Manifest, read_manifest
+from edge_qwen.memory import release_free_heap, release_weight_pages
+from edge_qwen.package import WEIGHTS, Manifest, read_manifest
 from edge_qwen.providers import cpuinfo_text, int8_fallback_warning, session_options, session_providers
 from edge_qwen.sampling import Sampler
 from edge_qwen.session import ChatSession
@@ -289,36 +288,12 @@ def load(
         fix = "re-export the model" if on_cpu else f"provider {provider!r} may not run it: try provider='cpu'"
         raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
+    release_weight_pages(root / WEIGHTS)  # scales ONNX Runtime keeps mapped after packing
     recipe = (manifest.raw.get("quantization") or {}).get("recipe") or {}
     warning = int8_fallback_warning(recipe, platform.machine(), cpuinfo_text())
     if warning:
         log.warning("%s", warning)
     return Model(root, manifest, session, tokenizer)
-
-
-def release_free_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim); elsewhere, nothing.
-
-    glibc keeps freed memory for reuse, where it still counts in the process's resident size; on a
-    small board that memory is better left to the page cache and the other programs.
-    """
-    if _libc is not None:
-        _libc.malloc_trim(0)
-
-
-def _glibc() -> Any:
-    if not hasattr(os, "confstr"):
-        return None
-    try:
-        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-            return None  # musl, bionic (Android): no malloc_trim
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "malloc_trim") else None
-    except (OSError, ValueError):
-        return None
-
-
-_libc = _glibc()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

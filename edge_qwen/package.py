@@ -21,6 +21,7 @@ from edge_qwen.errors import PackageError
 log = logging.getLogger(__name__)
 
 MANIFEST = "edge_qwen.json"
+WEIGHTS = "model.onnx.data"  # every initializer's bytes (export/graph.py)
 FORMAT = "edge-qwen-package"
 FORMAT_VERSION = 1
 

@@ -101,3 +101,15 @@ def tiny_ref(tiny: TinyModel):  # noqa: ANN201 - a transformers model
     from transformers import Qwen2ForCausalLM
 
     return Qwen2ForCausalLM.from_pretrained(tiny.hf_dir).eval()
+
+
+def mapped_kb(path: Path, field: str) -> int:
+    """Sum of an smaps field ("Size:", "Rss:") in kB over this process's mappings of `path`."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0].count("-") == 1 and not fields[0].endswith(":"):
+            inside = len(fields) >= 6 and " ".join(fields[5:]) == str(path.resolve())
+        elif inside and fields[0] == field:
+            total += int(fields[1])
+    return total

@@ -33,6 +33,7 @@ from edge_qwen.apps.cli import cli
 from edge_qwen.catalog import Catalog, CatalogError
 from edge_qwen.errors import PackageError
 from edge_qwen.export.options import default_options
+from tests.conftest import mapped_kb
 from tests.test_gguf import write_tiny_gguf
 
 REAL_NAME = "qwen2.5-coder-0.5b-instruct"
@@ -474,7 +475,9 @@ def test_real_pull_answers_paris():
     path = Path(result.stdout.strip())
     assert path == ci_home / "packages" / f"{REAL_NAME}-int4"
     assert json.loads((path / "edge_qwen.json").read_text())["precision"] == "int4"
-    answer = edge_qwen.load(path).generate(
-        "What is the capital of France? Answer in one word.", max_tokens=16
-    )
+    model = edge_qwen.load(path)
+    # ONNX Runtime keeps the packed weights' scales mapped after loading; the loader hands them back.
+    weights = path / "model.onnx.data"
+    assert mapped_kb(weights, "Size:") > 0 and mapped_kb(weights, "Rss:") == 0
+    answer = model.generate("What is the capital of France? Answer in one word.", max_tokens=16)
     assert "Paris" in answer
