@@ -24,6 +24,14 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     help="Quantization block size (int4/int8) [default: the precision's recipe].",
 )
 @click.option(
+    "--block-size-for",
+    "block_sizes",
+    multiple=True,
+    metavar="WEIGHT=SIZE",
+    help="A block size for one kind of weight (qkv_proj, o_proj, gate_up_proj, down_proj, lm_head), "
+    "repeatable [default: the precision's recipe; --block-size alone: that size for all].",
+)
+@click.option(
     "--algo",
     type=click.Choice(["rtn", "kquant", "imatrix", "gptq"]),
     default=None,
@@ -73,6 +81,7 @@ def export(
     out: Path,
     precision: str,
     block_size: str | None,
+    block_sizes: tuple[str, ...],
     algo: str | None,
     symmetric: bool | None,
     embeddings: str | None,
@@ -91,6 +100,7 @@ def export(
         raise click.ClickException(EXPORT_EXTRA_HINT.format(e.name)) from None
     given = {
         "block_size": None if block_size is None else int(block_size),
+        "block_sizes": _block_sizes(block_sizes) if block_sizes else (() if block_size else None),
         "algo": algo,
         "symmetric": symmetric,
         "embeddings": embeddings,
@@ -107,6 +117,16 @@ def export(
     write_package(ckpt, out, opts, overwrite=overwrite)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     click.echo(f"exported {out} ({size / 1e6:.0f} MB)", err=True)
+
+
+def _block_sizes(specs: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    pairs = []
+    for spec in specs:
+        weight, _, size = spec.partition("=")
+        if not size.isdigit():
+            raise click.BadParameter(f"expected WEIGHT=SIZE such as gate_up_proj=64, got {spec!r}")
+        pairs.append((weight, int(size)))
+    return tuple(pairs)
 
 
 @click.command("eval")

@@ -26,6 +26,7 @@ class ExportOptions:
     embeddings: str | None = None  # None: the recipe's default for this precision
     lm_head: str | None = None
     mixed: bool = True  # int4 only: sensitive tensors at int8
+    block_sizes: tuple[tuple[str, int], ...] = ()  # (weight, block size) off block_size (recipe.py)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute, the fast path on ARM dotprod and x86 VNNI
 
     def __post_init__(self) -> None:
@@ -49,6 +50,7 @@ class ExportOptions:
             self.embeddings,
             self.lm_head,
             self.mixed,
+            self.block_sizes,
         )
 
     def recipe_for(self, config: QwenConfig) -> Recipe:

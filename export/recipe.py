@@ -58,15 +58,17 @@ class Recipe:
     embeddings: Scheme
     lm_head: Scheme
     sensitive: Scheme | None = None  # for sensitive_tensors(); None: no mixing
+    body_blocks: tuple[tuple[str, int], ...] = ()  # (weight, block size): body weights off body's size
 
     def scheme_for(self, weight: str, layer: int, num_layers: int) -> Scheme:
         """The scheme of a packed weight such as 'qkv_proj', 'o_proj', 'gate_up_proj', 'down_proj'."""
         if self.sensitive is not None and is_sensitive(weight, layer, num_layers):
             return self.sensitive
-        return self.body
+        block = dict(self.body_blocks).get(weight)
+        return self.body if block is None else replace(self.body, block_size=block)
 
     def to_dict(self) -> dict[str, str | None]:
-        return {
+        out = {
             "body": self.body.describe(),
             "embeddings": self.embeddings.describe(),
             "lm_head": self.lm_head.describe(),
@@ -74,6 +76,9 @@ class Recipe:
                 self.sensitive.describe() if self.sensitive else None
             ),
         }
+        for weight, block in self.body_blocks:
+            out[weight] = replace(self.body, block_size=block).describe()
+        return out
 
 
 def is_sensitive(weight: str, layer: int, num_layers: int) -> bool:
@@ -86,6 +91,9 @@ def is_sensitive(weight: str, layer: int, num_layers: int) -> bool:
     return weight in ("qkv_proj", "down_proj") and (layer < edge or layer >= num_layers - edge)
 
 
+BODY_WEIGHTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
 def make_recipe(
     precision: str,
     block_size: int,
@@ -94,18 +102,46 @@ def make_recipe(
     embeddings: str | None,
     lm_head: str | None,
     mixed: bool,
+    block_sizes: tuple[tuple[str, int], ...] = (),
 ) -> Recipe:
-    """Build the recipe the export options describe; defaults for embeddings/lm_head follow precision."""
+    """Build the recipe the export options describe; defaults for embeddings/lm_head follow precision.
+
+    `block_sizes`: (weight, block size) pairs for weights that differ from `block_size`: any of
+    BODY_WEIGHTS (int4 only: the int8 sensitive tensors keep `block_size`) and "lm_head" (quantized
+    only; a tied embedding follows it).
+    """
     body = Scheme(precision, block_size, symmetric, algo)
     if not body.quantized:
+        if block_sizes:
+            raise ValueError(f"per-tensor block sizes need a quantized precision, got {precision}")
         return Recipe(body, body, body)
+    blocks = dict(block_sizes)
+    unknown = sorted(set(blocks) - {*BODY_WEIGHTS, "lm_head"})
+    if unknown:
+        raise ValueError(f"block sizes are set per {', '.join(BODY_WEIGHTS)} or lm_head, got {unknown}")
     int8 = replace(body, dtype="int8")
     head = _scheme(lm_head, body, default=int8 if precision == "int4" else body)
+    if "lm_head" in blocks:
+        if not head.quantized:
+            raise ValueError(f"lm_head is {head.dtype}: it has no block size")
+        head = _with_block(head, "lm_head", blocks.pop("lm_head"))
     embed = _scheme(embeddings, body, default=body)
-    return Recipe(body, embed, head, sensitive=int8 if mixed and precision == "int4" else None)
+    body_blocks = tuple((w, blocks[w]) for w in BODY_WEIGHTS if w in blocks and blocks[w] != block_size)
+    for weight, block in body_blocks:
+        _with_block(body, weight, block)  # checks the size
+    return Recipe(
+        body, embed, head, sensitive=int8 if mixed and precision == "int4" else None, body_blocks=body_blocks
+    )
 
 
 def _scheme(dtype: str | None, body: Scheme, default: Scheme) -> Scheme:
     if dtype is None:
         return default
     return Scheme(dtype) if dtype in FLOAT_DTYPES else replace(body, dtype=dtype)
+
+
+def _with_block(scheme: Scheme, weight: str, block: int) -> Scheme:
+    try:
+        return replace(scheme, block_size=block)
+    except ValueError as e:
+        raise ValueError(f"{weight}: {e}") from None

@@ -120,6 +120,27 @@ def test_lm_head_in_parts_gives_the_same_logits(
     np.testing.assert_array_equal(a.forward(ids, a.new_cache()), b.forward(ids, b.new_cache()))
 
 
+def test_per_tensor_block_sizes_reach_the_graph(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path) -> None:
+    blocks = (("gate_up_proj", 64), ("lm_head", 64))
+    options = {"algo": "gptq", "lm_head": "int4", "block_size": 32, "block_sizes": blocks}
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", **options)
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+
+    def block(node: onnx.NodeProto) -> int:
+        return next(a.i for a in node.attribute if a.name == "block_size")
+
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    wide = [n for n in nbits if "gate_up_proj" in n.name or n.name.startswith("/lm_head/")]
+    assert wide and all(block(n) == 64 for n in wide)
+    assert all(block(n) == 32 for n in nbits if n not in wide)
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert block(gather) == (64 if tiny.tied else 32)  # a tied table is lm_head's matrix
+    recipe = json.loads((pkg / "edge_qwen.json").read_text())["quantization"]["recipe"]
+    assert recipe["gate_up_proj"] == "int4 b64 asym gptq" and recipe["lm_head"] == "int4 b64 asym gptq"
+    maxdiff, kld = closeness(pkg, tiny_fp32)
+    assert maxdiff < INT4_ATOL and kld < INT4_MAX_KLD
+
+
 def test_int4_is_smaller_than_int8_and_fp32(tiny: TinyModel, tiny_fp32: Path, tmp_path: Path) -> None:
     sizes = {
         p: (export_tiny(tiny.hf_dir, tmp_path / p, precision=p) / "model.onnx.data").stat().st_size
@@ -174,6 +195,9 @@ def test_eval_cli_json(tiny_fp32: Path) -> None:
         ({"precision": "int4", "algo": "awq"}, "algo must be one of rtn, kquant, imatrix, gptq, got 'awq'"),
         ({"precision": "int3"}, "precision must be one of fp32, fp16, int8, int4, got 'int3'"),
         ({"precision": "int4", "embeddings": "int2"}, "int2"),
+        ({"precision": "int4", "block_sizes": (("mlp", 64),)}, "or lm_head, got .'mlp'."),
+        ({"precision": "int4", "block_sizes": (("down_proj", 48),)}, "got 48"),
+        ({"precision": "int4", "lm_head": "fp16", "block_sizes": (("lm_head", 64),)}, "lm_head is fp16"),
     ],
 )
 def test_bad_quantization_options_fail_before_any_work(options: dict, message: str) -> None:
@@ -181,19 +205,20 @@ def test_bad_quantization_options_fail_before_any_work(options: dict, message: s
         ExportOptions(**options)
 
 
-def test_bad_block_size_on_the_command_line(tiny: TinyModel, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "edge_qwen.apps.cli",
-        "export",
-        str(tiny.hf_dir),
-        str(tmp_path / "out"),
-        "--block-size",
-        "48",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "48" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--block-size", "48"], "48"),
+        (["--block-size-for", "down_proj=48"], "down_proj: block_size must be one of"),
+        (["--block-size-for", "o_proj"], "WEIGHT=SIZE"),
+    ],
+)
+def test_bad_block_size_on_the_command_line(
+    tiny: TinyModel, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "export", str(tiny.hf_dir), str(tmp_path / "out")]
+    result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and needle in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
