@@ -37,13 +37,12 @@ import perf_doc  # bench/ is on sys.path when this runs as a script
 
 from edge_qwen.benchmark import machine_info, package_size, vm_hwm_bytes
 from edge_qwen.config import QwenConfig
-from edge_qwen.export import source_fingerprint
+from edge_qwen.export import is_current, mark_current
 from edge_qwen.export.calibrate import cached_statistics
 from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
 from edge_qwen.export.options import ExportOptions, default_options
 from edge_qwen.export.readers import read_checkpoint
 from edge_qwen.export.writer import write_package
-from edge_qwen.package import MANIFEST
 from edge_qwen.quant.texts import builtin_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,27 +293,6 @@ def ensure_package(gguf: Path, out: Path) -> Path:
         stats = cached_statistics(ckpt, builtin_text("calibration"), opts.needs_hessians, BENCH_HOME)
     write_package(ckpt, out, opts, overwrite=True, calib_stats=stats)
     return mark_current(out)
-
-
-def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
-    """Whether `package` was exported by this exporter's source with `opts`' recipe and accuracy level."""
-    manifest, marker = package / MANIFEST, _marker(package)
-    if not manifest.is_file() or not marker.is_file() or marker.read_text() != source_fingerprint():
-        return False
-    quantization = json.loads(manifest.read_text())["quantization"]
-    return quantization["recipe"] == opts.recipe_for(config).to_dict() and (
-        quantization["accuracy_level"] == opts.accuracy_level
-    )
-
-
-def mark_current(package: Path) -> Path:
-    """Record (next to it) which exporter source wrote `package`, for is_current."""
-    _marker(package).write_text(source_fingerprint())
-    return package
-
-
-def _marker(package: Path) -> Path:
-    return package.with_name(package.name + ".exported-by")
 
 
 def curve_options() -> ExportOptions:

@@ -27,7 +27,8 @@ import onnxruntime as ort
 
 import edge_qwen
 from edge_qwen.apps.evaluate import chunk_ids, scored_logits, targets
-from edge_qwen.export.calibrate import cached_statistics
+from edge_qwen.export import is_current, mark_current, source_fingerprint
+from edge_qwen.export.calibrate import CALIBRATION_CHUNKS, cached_statistics
 from edge_qwen.export.options import ExportOptions
 from edge_qwen.export.readers import read_checkpoint
 from edge_qwen.export.writer import write_package
@@ -77,6 +78,13 @@ def main() -> None:
     )
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=16)
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=CALIBRATION_CHUNKS,
+        help="calibration windows of 512 tokens for imatrix and gptq rows; other than the default, "
+        "row names get a -wN suffix",
+    )
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "quality.md")
     args = p.parse_args()
@@ -93,14 +101,19 @@ def main() -> None:
     results = load_results(args.json)
     for row in args.rows:
         if row in OURS:
-            if OURS[row].get("algo") in ("imatrix", "gptq") and stats is None:
+            calibrated = OURS[row].get("algo") in ("imatrix", "gptq")
+            if calibrated and stats is None:
                 # X^T X of every linear input: GPTQ uses it whole, imatrix its diagonal.
-                stats = cached_statistics(read_checkpoint(gguf), builtin_text("calibration"), True, args.work)
-            pkg = ensure_export(gguf, args.work / row, OURS[row], stats)
+                text = builtin_text("calibration")
+                stats = cached_statistics(
+                    read_checkpoint(gguf), text, True, args.work, max_chunks=args.windows
+                )
+            name = f"{row}-w{args.windows}" if calibrated and args.windows != CALIBRATION_CHUNKS else row
+            pkg = ensure_export(gguf, args.work / name, OURS[row], stats)
             decoder = edge_qwen.load(pkg)
             speed = our_decode_speed(decoder)
         else:
-            pkg = PEERS / PEER_ROWS[row]
+            name, pkg = row, PEERS / PEER_ROWS[row]
             if not (pkg / "model.onnx").is_file():
                 print(f"skip {row}: {pkg} not built (../shared/peers/ortgenai_peer.sh)", file=sys.stderr)
                 continue
@@ -111,14 +124,15 @@ def main() -> None:
             speed = peer_decode_speed(pkg)
         edge = max(1, ref.config.num_hidden_layers // 6)  # as export/recipe.py is_sensitive
         mixed = row in OURS and OURS[row].get("precision") == "int4" and OURS[row].get("mixed", True)
-        results[row] = {
+        results[name] = {
             "int8_edge_layers": f"{edge}+{edge}" if mixed else None,
             "size_bytes": folder_size(pkg),
             "decode_tps": speed,
             "package": str(pkg),
-            **{name: score(decoder, texts[name], ref_lp[name]) for name in texts},
+            "exporter": source_fingerprint() if row in OURS else None,
+            **{text: score(decoder, texts[text], ref_lp[text]) for text in texts},
         }
-        print(row, json.dumps(results[row]), flush=True)
+        print(name, json.dumps(results[name]), flush=True)
         save(results, args, ref_pkg)
 
 
@@ -133,8 +147,11 @@ def fetch_gguf() -> Path:
 
 
 def ensure_export(gguf: Path, out: Path, options: dict[str, Any], stats: Any) -> Path:
-    if not (out / "edge_qwen.json").is_file():
-        write_package(read_checkpoint(gguf), out, ExportOptions(**options), overwrite=True, calib_stats=stats)
+    """The row's package, exported again when the exporter's source has changed since."""
+    ckpt, opts = read_checkpoint(gguf), ExportOptions(**options)
+    if not is_current(out, opts, ckpt.config):
+        write_package(ckpt, out, opts, overwrite=True, calib_stats=stats)
+        mark_current(out)
     return out
 
 

@@ -26,6 +26,12 @@ both. Size is the package folder on disk. Decode tok/s: 128-token prompt, 64 gre
 per row on a shared 2-core machine (noisy: see docs/performance.md for the careful comparison); our
 rows run in our runtime, the peers in onnxruntime-genai's. ONNX Runtime {onnxruntime}.
 
+Rows are re-measured only when asked for (`--rows`), so they may come from different versions of the
+exporter: the last column names the version (`edge_qwen.export.source_fingerprint()`) or says
+"older" for rows measured before that was recorded, when GPTQ and imatrix calibrated on the first
+8,192 tokens of the calibration text rather than windows spread over all of it (docs/quantization.md).
+Compare rows of the same exporter.
+
 Row names: `int4-ALGO-bBLOCK[-sym][-head4][-nomix]` is an INT4 body quantized with ALGO at block
 BLOCK, asymmetric unless `-sym`, with an int8 lm_head unless `-head4` (int4), embeddings as the body,
 and qkv/down_proj at int8 in the first and last layers (the count is in the name column, e.g. 4+4)
@@ -59,9 +65,9 @@ def render(data: dict[str, Any]) -> str:
     best = rows.get(PEER_BEST)
     out.append(
         "| row | size MB | size / peer | code KLD | code top-1 | code ppl Δ | prose KLD | prose top-1 "
-        "| prose ppl Δ | KLD / peer best (code, prose) | decode tok/s |"
+        "| prose ppl Δ | KLD / peer best (code, prose) | decode tok/s | exporter |"
     )
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in sorted(rows.items(), key=lambda kv: (kv[0].startswith("ort"), kv[1]["size_bytes"])):
         size_ratio = f"{r['size_bytes'] / peer_size:.2f}" if peer_size else "-"
         vs_best = (
@@ -76,9 +82,15 @@ def render(data: dict[str, Any]) -> str:
         edge = f" ({r['int8_edge_layers']})" if r.get("int8_edge_layers") else ""
         out.append(
             f"| {name}{edge} | {r['size_bytes'] / 1e6:.0f} | {size_ratio} | {_q(r['code'])} "
-            f"| {_q(r['prose'])} | {vs_best} | {speed} |"
+            f"| {_q(r['prose'])} | {vs_best} | {speed} | {_exporter(name, r)} |"
         )
     return "\n".join(out) + "\n"
+
+
+def _exporter(name: str, r: dict[str, Any]) -> str:
+    if name.startswith("ort"):
+        return "peer"
+    return f"`{r['exporter']}`" if r.get("exporter") else "older (windows from the text's start)"
 
 
 def _q(m: dict[str, float]) -> str:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_qwen.package import MANIFEST
+
+if TYPE_CHECKING:
+    from edge_qwen.config import QwenConfig
+    from edge_qwen.export.options import ExportOptions
 
 
 def source_fingerprint() -> str:
@@ -19,3 +27,24 @@ def source_fingerprint() -> str:
         for file in sorted(folder.rglob("*.py")):
             h.update(file.read_bytes())
     return h.hexdigest()[:12]
+
+
+def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
+    """Whether a cached `package` was exported by this source with `opts`' recipe and accuracy level."""
+    manifest, marker = package / MANIFEST, _marker(package)
+    if not manifest.is_file() or not marker.is_file() or marker.read_text() != source_fingerprint():
+        return False
+    quantization = json.loads(manifest.read_text())["quantization"]
+    return quantization["recipe"] == opts.recipe_for(config).to_dict() and (
+        quantization["accuracy_level"] == opts.accuracy_level
+    )
+
+
+def mark_current(package: Path) -> Path:
+    """Record (next to it) which exporter source wrote `package`, for is_current."""
+    _marker(package).write_text(source_fingerprint())
+    return package
+
+
+def _marker(package: Path) -> Path:
+    return package.with_name(package.name + ".exported-by")
