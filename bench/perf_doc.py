@@ -179,7 +179,9 @@ def describe(recipe: Recipe) -> str:
     """A recipe in one line: body, lm_head and the int8 sensitive tensors."""
     d = recipe.to_dict()
     sensitive = next((v for k, v in d.items() if k.startswith("sensitive")), None)
-    text = f"body {d['body']}, lm_head {d['lm_head']}"
+    text = f"body {d['body']}"
+    text += "".join(f", {weight} {d[weight]}" for weight, _ in recipe.body_blocks)
+    text += f", lm_head {d['lm_head']}"
     return text + (f", sensitive {sensitive}" if sensitive else "")
 
 
@@ -321,7 +323,15 @@ def render_paper(paper: dict[str, Any], measured_fraction: float | None) -> list
     )
     out += [
         "",
-        PI4_TEXT.format(extra=extra or "none (the default recipe has no 8-bit matrices)").rstrip(),
+        PI4_TEXT.format(
+            extra=extra or "none (the default recipe has no 8-bit matrices)",
+            pull=(
+                "Not done: `pull` picking an all-int4 recipe by itself on such a CPU."
+                if extra
+                else "The default INT4 recipe holds no 8-bit matrix, so what `pull` exports runs on a "
+                "Pi 4 without this detour."
+            ),
+        ).rstrip(),
         "",
     ]
     return out
@@ -485,7 +495,7 @@ more accurate), and `edge_qwen.load` logs one warning when the machine is ARM, /
 (`edge-qwen export ... --no-mixed --lm-head int4`) so that only the 4-bit fp32-compute kernels run \
 (`int8_fallback_warning` in edge_qwen/providers.py; tests/test_providers.py). `edge-qwen bench` \
 prints the CPU's kernel-relevant features (no `asimddp` on a Pi 4), so the fallback shows in its \
-report too. Not done: `pull` picking the all-int4 recipe by itself on such a CPU.
+report too. {pull}
 """
 
 

@@ -62,6 +62,11 @@ for _sym in ("", "-sym"):
         OURS[f"int4-gptq{_sym}-b{_block}-head4-nomix"] = _int4(
             "gptq", _block, lm_head="int4", mixed=False, **({"symmetric": True} if _sym else {})
         )
+# Per-tensor block sizes: the biggest matrices (gate_up_proj, ~60% of the layers' weights) at 64.
+OURS["int4-gptq-b32-head4-gu64"] = _int4("gptq", 32, lm_head="int4", block_sizes=(("gate_up_proj", 64),))
+OURS["int4-gptq-b32-head4-nomix-gu64"] = _int4(
+    "gptq", 32, lm_head="int4", mixed=False, block_sizes=(("gate_up_proj", 64),)
+)
 PEER_ROWS = {
     "ort-genai-int4": "ortgenai-int4-qwen2.5-coder-0.5b-instruct",
     "ort-genai-int4-kqmixed": "ortgenai-int4-kqmixed",
