@@ -192,6 +192,27 @@ def turn(child: pexpect.spawn, text: str) -> str:
     return shown
 
 
+def wait_until_blocked(pid: int, timeout: float = 30.0) -> None:
+    """Until the process's main thread has been asleep in a system call for two looks 50 ms apart.
+
+    /proc/PID/syscall reads "running" while the thread runs; readline idle at a prompt sleeps in
+    pselect6. Where the file cannot be read, a fixed pause stands in.
+    """
+    path = Path(f"/proc/{pid}/syscall")
+    deadline = time.monotonic() + timeout
+    asleep = 0
+    while time.monotonic() < deadline:
+        try:
+            asleep = asleep + 1 if not path.read_text().startswith("running") else 0
+        except OSError:
+            time.sleep(0.5)
+            return
+        if asleep == 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} never waited for input within {timeout} s")
+
+
 @TIED_ONLY
 def test_terminal_chat_streams_stops_on_ctrl_c_and_goes_on(tiny_fp32: Path, tmp_path: Path) -> None:
     options = ("--seed", "5", "--max-tokens", "200")
@@ -215,9 +236,10 @@ def test_terminal_chat_streams_stops_on_ctrl_c_and_goes_on(tiny_fp32: Path, tmp_
     assert re.search(r"\d+ cached", turn(child, "def f(x):"))  # the session goes on, reusing the cache
     child.send("a half-typed line")
     # A person sees the line, then presses Ctrl-C. A SIGINT that lands while GNU readline is still
-    # taking in keys is held until the next key (python/cpython#112585): wait for the echo, and a beat.
+    # taking in keys is held until the next key (python/cpython#112585): wait for the echo, then for
+    # readline to be waiting for a key (a fixed beat was not enough on a loaded machine).
     child.expect_exact("a half-typed line")
-    time.sleep(0.2)
+    wait_until_blocked(child.pid)
     child.sendintr()  # Ctrl-C at the prompt: the line is dropped, a fresh prompt
     child.expect_exact(PROMPT)
     child.sendline(f"/save {tmp_path / 'c.json'}")
