@@ -60,7 +60,8 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 @click.option(
     "--mixed/--no-mixed",
     default=None,
-    help="int4: keep qkv and down_proj of the first and last layers at int8 [default: yes].",
+    help="int4: keep qkv and down_proj of the first and last sixth of the layers at int8 "
+    "[default: no, the INT4 recipe has no int8 tensors].",
 )
 @click.option(
     "--max-context",
