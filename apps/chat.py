@@ -90,6 +90,10 @@ class ChatRepl:
 
     def run(self) -> None:
         """Until /exit or the end of the input (Ctrl-D)."""
+        if self.term.interactive and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # Started with Ctrl-C ignored, as the children of a shell's background job are: on a
+            # terminal it must still drop the line at the prompt, as it stops an answer.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         while (line := self.read_line()) is not None:
             try:
                 if not self.handle(line):
