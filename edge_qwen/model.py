@@ -27,7 +27,10 @@ from edge_qwen.session import ChatSession
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 256  # tokens per prefill run: bounds activation memory for long prompts
+# Tokens per prefill run: it bounds the activations ONNX Runtime's arena grows to (and keeps). On the
+# default 0.5B package, 64 rather than 256 left 13 MB less resident after a 128-token prompt at the
+# same prefill speed (290-322 tok/s either way at 128, 512 and 1024 prompt tokens, 2-core x86).
+PREFILL_CHUNK = 64
 
 __all__ = ["PREFILL_CHUNK", "Model", "StreamPiece", "load"]
 

@@ -40,14 +40,19 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @functools.cache
-def perf_doc() -> ModuleType:
-    """bench/perf_doc.py (a script folder, not a package), for its on-paper arithmetic."""
-    spec = importlib.util.spec_from_file_location("perf_doc", REPO / "bench" / "perf_doc.py")
+def bench_script(name: str) -> ModuleType:
+    """bench/NAME.py (a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
+
+
+def perf_doc() -> ModuleType:
+    """bench/perf_doc.py, for its on-paper arithmetic."""
+    return bench_script("perf_doc")
 
 
 def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> None:
@@ -187,3 +192,21 @@ def test_cpuinfo_names_the_pi_cores_and_their_dotprod() -> None:
     assert parse_cpuinfo(pi5) == ("Cortex-A76", ("asimddp",))
     assert parse_cpuinfo(x86) == ("AMD EPYC", ("avx2", "avx512_vnni"))
     assert parse_cpuinfo("") == (None, ())
+
+
+def test_floor_runs_the_packages_own_products_alone(tiny: TinyModel, tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+
+    package = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", algo="rtn", lm_head="int4")
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    products = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    work = tmp_path / "floor"
+    work.mkdir()
+    session, feeds = bench_script("floor").matmul_only(package, work)
+    assert [o.name for o in session.get_outputs()] == [n.output[0] for n in products]
+    assert (work / "model.onnx.data").stat().st_ino == (package / "model.onnx.data").stat().st_ino  # no copy
+    outputs = session.run(None, feeds)
+    widths = [next(a.i for a in n.attribute if a.name == "N") for n in products]
+    assert [o.shape for o in outputs] == [(1, n) for n in widths]
+    assert all(np.isfinite(o).all() and np.abs(o).max() > 0 for o in outputs)
