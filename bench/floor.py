@@ -41,14 +41,16 @@ def matmul_only(package: Path, folder: Path) -> tuple[ort.InferenceSession, dict
     source = onnx.load(str(package / "model.onnx"), load_external_data=False)
     initializers = {t.name: t for t in source.graph.initializer}
     nodes, weights, feeds, outputs = [], {}, {}, []
+    rng = np.random.default_rng(0)
     for node in (n for n in source.graph.node if n.op_type == "MatMulNBits"):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         x = f"x{attrs['K']}"  # one input per width: what feeds a product does not change its cost
-        feeds[x] = np.random.default_rng(0).standard_normal((1, attrs["K"])).astype(np.float32)
+        if x not in feeds:
+            feeds[x] = rng.standard_normal((1, attrs["K"])).astype(np.float32)
+        inputs = [x, *node.input[1:]]
         nodes.append(
-            helper.make_node("MatMulNBits", [x, *node.input[1:]], [node.output[0]], node.name, **attrs)
+            helper.make_node(node.op_type, inputs, node.output[:1], node.name, domain=node.domain, **attrs)
         )
-        nodes[-1].domain = node.domain
         weights.update({name: initializers[name] for name in node.input[1:] if name in initializers})
         outputs.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, [1, attrs["N"]]))
     graph_inputs = [

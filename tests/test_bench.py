@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+import onnx
 import pytest
 
 from edge_qwen.benchmark import (
@@ -195,9 +197,6 @@ def test_cpuinfo_names_the_pi_cores_and_their_dotprod() -> None:
 
 
 def test_floor_runs_the_packages_own_products_alone(tiny: TinyModel, tmp_path: Path) -> None:
-    import numpy as np
-    import onnx
-
     package = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", algo="rtn", lm_head="int4")
     graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
     products = [n for n in graph.node if n.op_type == "MatMulNBits"]
