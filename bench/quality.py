@@ -67,6 +67,10 @@ OURS["int4-gptq-b32-head4-gu64"] = _int4("gptq", 32, lm_head="int4", block_sizes
 OURS["int4-gptq-b32-head4-nomix-gu64"] = _int4(
     "gptq", 32, lm_head="int4", mixed=False, block_sizes=(("gate_up_proj", 64),)
 )
+# The default plus down_proj at 64: the next 5% of decode (bench/floor.py --layouts), priced in quality.
+OURS["int4-gptq-b32-head4-nomix-gu64-dn64"] = _int4(
+    "gptq", 32, lm_head="int4", mixed=False, block_sizes=(("gate_up_proj", 64), ("down_proj", 64))
+)
 PEER_ROWS = {
     "ort-genai-int4": "ortgenai-int4-qwen2.5-coder-0.5b-instruct",
     "ort-genai-int4-kqmixed": "ortgenai-int4-kqmixed",
