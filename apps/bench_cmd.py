@@ -62,7 +62,7 @@ def report_lines(r: BenchResult) -> list[str]:
         *(_row(name, stat, scale) for name, stat, scale in rows),
         f"(repetitions: {r.repetitions})",
         "",
-        f"peak RSS  {r.peak_rss_bytes / 1e6:.1f} MB",
+        f"peak RSS  {r.peak_rss_bytes / 1e6:.1f} MB; {_huge_pages(r)}",
         f"decode    reads {t.total_bytes / 1e6:.1f} MB per token (weights {t.weight_bytes / 1e6:.1f} MB, "
         f"KV cache {t.kv_cache_bytes / 1e6:.1f} MB at {t.average_context:.0f} positions)",
         f"          = {r.achieved_bytes_per_second.median / 1e9:.2f} GB/s at "
@@ -71,6 +71,13 @@ def report_lines(r: BenchResult) -> list[str]:
         f"(numpy probe, {r.threads} threads)",
     ]
     return lines
+
+
+def _huge_pages(r: BenchResult) -> str:
+    held = "" if r.huge_page_bytes is None else f", {r.huge_page_bytes / 1e6:.0f} MB held in them"
+    if r.huge_pages_requested:
+        return f"huge pages asked of glibc{held}"
+    return f"huge pages not asked of glibc (see README, Speed){held}"
 
 
 def _row(name: str, stat: Stat, scale: float) -> str:

@@ -71,6 +71,12 @@ OURS["int4-gptq-b32-head4-nomix-gu64"] = _int4(
 OURS["int4-gptq-b32-head4-nomix-gu64-dn64"] = _int4(
     "gptq", 32, lm_head="int4", mixed=False, block_sizes=(("gate_up_proj", 64), ("down_proj", 64))
 )
+# The default with lm_head (and the tied embedding) at 64 or 128: lm_head is 30% of the bytes a
+# decoded token reads, the biggest single lever (docs/quantization.md).
+for _block in (64, 128):
+    OURS[f"int4-gptq-b32-head4-nomix-gu64-hd{_block}"] = _int4(
+        "gptq", 32, lm_head="int4", mixed=False, block_sizes=(("gate_up_proj", 64), ("lm_head", _block))
+    )
 PEER_ROWS = {
     "ort-genai-int4": "ortgenai-int4-qwen2.5-coder-0.5b-instruct",
     "ort-genai-int4-kqmixed": "ortgenai-int4-kqmixed",

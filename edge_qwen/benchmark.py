@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.config import QwenConfig
+from edge_qwen.memory import anon_huge_page_bytes, huge_pages_requested
 from edge_qwen.model import Model, check_context, load
 from edge_qwen.package import read_manifest
 from edge_qwen.providers import cpuinfo_text, physical_cores
@@ -115,6 +116,8 @@ class BenchResult:
     decode_tokens_per_second: Stat
     ttft_seconds: Stat
     peak_rss_bytes: int
+    huge_pages_requested: bool  # started with glibc.malloc.hugetlb=1 (the command does it: launch.py)
+    huge_page_bytes: int | None  # anonymous memory in transparent huge pages after the runs
     package_bytes: int
     traffic: DecodeTraffic
     memory_bandwidth_bytes_per_second: float
@@ -167,6 +170,7 @@ def run_benchmark(
     _time_generation(model, prompt, WARMUP_DECODE_STEPS)  # arena growth and first-run costs
     runs = [_time_generation(model, prompt, gen_tokens) for _ in range(repetitions)]
     peak_rss = peak_rss_bytes()  # before the probe's array raises the high-water mark
+    huge_bytes = anon_huge_page_bytes()
     providers = tuple(model.providers)
     del model  # a 3B model and the probe's array need not share a 4 GB board
     gc.collect()
@@ -186,6 +190,8 @@ def run_benchmark(
         decode_tokens_per_second=Stat.of([r.decode_steps / r.decode for r in runs]),
         ttft_seconds=Stat.of([r.ttft for r in runs]),
         peak_rss_bytes=peak_rss,
+        huge_pages_requested=huge_pages_requested(os.environ),
+        huge_page_bytes=huge_bytes,
         package_bytes=package_size(root),
         traffic=decode_traffic(root / "model.onnx", manifest.config, prompt.size, gen_tokens),
         memory_bandwidth_bytes_per_second=memory_read_bandwidth(threads),

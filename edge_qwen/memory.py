@@ -14,6 +14,16 @@ Two leftovers of loading a package count in the process's resident size without 
   be lost.
 
 On other systems (no /proc/self/smaps, no glibc) both do nothing.
+
+The opposite case, memory the model will only partly touch, is the KV cache (cache.py,
+`small_page_zeros`).
+
+And one way to make decode faster: `huge_page_tunables`. A decode step streams every packed weight
+(~340 MB for the 0.5B at int4) through the CPU; in 4 KiB pages that is ~85,000 page walks and a
+hardware prefetcher that stops at every page boundary. With transparent huge pages in "madvise" mode
+(the common distribution default) ONNX Runtime's packed weights get huge pages only if the heap asks
+for them, which glibc does when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1. The `edge-qwen`
+command restarts itself with it (apps/launch.py); measured here, decode +9-12% (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -50,6 +60,69 @@ def release_weight_pages(data_file: Path, smaps: Path = Path("/proc/self/smaps")
     return released
 
 
+HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGE_OPT_OUT = "EDGE_QWEN_HUGE_PAGES"  # "0" keeps glibc's default
+THP = Path("/sys/kernel/mm/transparent_hugepage")
+LARGEST_HUGE_PAGE = 2 << 20  # a 16K- or 64K-page kernel's huge pages (32 MB, 512 MB) would bloat memory
+
+
+def huge_page_tunables(
+    environ: dict[str, str] | os._Environ[str], thp: Path = THP, libc_version: str | None = None
+) -> str | None:
+    """The GLIBC_TUNABLES value that gives the weights huge pages, or None when it would change nothing.
+
+    None when: opted out (EDGE_QWEN_HUGE_PAGES=0); already asked for; not glibc 2.35 or newer (the
+    first with the tunable); transparent huge pages are off or "always" (the kernel already uses
+    them) or unknown; or the huge page is bigger than 2 MiB.
+    """
+    if environ.get(HUGE_PAGE_OPT_OUT, "1") == "0":
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb=" in current:
+        return None  # the user's own choice, or this process is the restarted one
+    version = _glibc_version() if libc_version is None else libc_version
+    if not version.startswith("glibc ") or _version_tuple(version[6:]) < (2, 35):
+        return None
+    try:
+        mode = (thp / "enabled").read_text()
+        pmd_size = int((thp / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return None
+    if "[madvise]" not in mode or pmd_size > LARGEST_HUGE_PAGE:
+        return None
+    return f"{current}:{HUGE_PAGE_TUNABLE}" if current else HUGE_PAGE_TUNABLE
+
+
+def huge_pages_requested(environ: dict[str, str] | os._Environ[str]) -> bool:
+    """Whether this process was started asking glibc for huge pages."""
+    return HUGE_PAGE_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def anon_huge_page_bytes(rollup: Path = Path("/proc/self/smaps_rollup")) -> int | None:
+    """Bytes of this process's anonymous memory in transparent huge pages; None where not reported."""
+    try:
+        for line in rollup.read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(".")[:2])
+    except ValueError:
+        return (0,)
+
+
+def _glibc_version() -> str:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, OSError, ValueError):
+        return ""
+
+
 def unmodified_mappings(smaps_text: str, path: str) -> list[tuple[int, int]]:
     """(start, end) of the mappings of `path` in an smaps text that hold no anonymous (written) page."""
     found: list[tuple[int, int]] = []
@@ -84,10 +157,7 @@ def _load_libc() -> tuple[Any, Any]:
 
 
 def _is_glibc() -> bool:
-    try:
-        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
-    except (AttributeError, OSError, ValueError):
-        return False
+    return _glibc_version().startswith("glibc")
 
 
 _libc, _glibc = _load_libc()

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from edge_qwen.benchmark import (
 )
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.errors import ContextFullError
+from edge_qwen.memory import HUGE_PAGE_OPT_OUT, huge_page_tunables
 from edge_qwen.package import read_manifest
 from tests.conftest import TinyModel, export_tiny
 
@@ -36,9 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT, GEN, REPS = 16, 8, 2
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "bench", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**environ, **env})
 
 
 @functools.cache
@@ -79,6 +82,11 @@ def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> Non
     assert d["package_bytes"] == package_size(tiny_fp32)
     assert d["package_bytes"] == sum(p.stat().st_size for p in tiny_fp32.iterdir())
     assert 10e6 < d["peak_rss_bytes"] < 4e9
+    # The command restarts itself asking glibc for huge pages exactly where that changes something.
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+    assert d["huge_pages_requested"] == (huge_page_tunables(environ) is not None)
+    huge = d["huge_page_bytes"]
+    assert huge is None if not Path("/proc/self/smaps_rollup").is_file() else 0 <= huge <= d["peak_rss_bytes"]
 
     traffic = d["traffic"]
     data = (tiny_fp32 / "model.onnx.data").stat().st_size
@@ -92,6 +100,13 @@ def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> Non
     achieved = d["achieved_bytes_per_second"]
     assert achieved["median"] == pytest.approx(d["bytes_per_token"] * d["decode_tokens_per_second"]["median"])
     assert d["bandwidth_fraction"] == pytest.approx(achieved["median"] / probe)
+
+
+def test_bench_can_be_told_not_to_ask_for_huge_pages(tiny_fp32: Path) -> None:
+    counts = ("--gen-tokens", "2", "--repetitions", "1")
+    result = run_bench(str(tiny_fp32), "--json", *counts, EDGE_QWEN_HUGE_PAGES="0")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["huge_pages_requested"] is False
 
 
 def test_bench_prints_a_llama_bench_style_table(tiny_fp32: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +170,18 @@ def test_max_context_above_the_model_maximum_is_refused(tiny: TinyModel, tmp_pat
     with pytest.raises(ValueError, match="max_context 4096 exceeds the model's max_position_embeddings 1024"):
         export_tiny(tiny.hf_dir, tmp_path / "pkg", max_context=4096)
     assert not (tmp_path / "pkg").exists()
+
+
+def test_the_package_namespace_loads_its_names_on_first_use() -> None:
+    """`import edge_qwen` stays cheap (the command's restart for huge pages happens before numpy and
+    ONNX Runtime load), and every public name still resolves."""
+    code = (
+        "import sys, edge_qwen, edge_qwen.apps.launch\n"
+        "print(sorted(m for m in ('numpy', 'onnxruntime', 'tokenizers') if m in sys.modules))\n"
+        "print(all(getattr(edge_qwen, n) is not None for n in edge_qwen.__all__))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "True"]
+    assert sorted(edge_qwen.__all__) == sorted([*edge_qwen._HOMES, "__version__"])
+    with pytest.raises(AttributeError):
+        edge_qwen.not_a_name  # noqa: B018
