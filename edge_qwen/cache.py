@@ -64,13 +64,12 @@ class KVCache:
     def binding(self, session: ort.InferenceSession) -> ort.IOBinding:
         """An IOBinding of `session` with every layer bound (made once per session: the buffers stay put).
 
-        The caller binds the per-run inputs before each run. "logits" is bound first, so that it stays
-        get_outputs()[0]: binding a name again replaces it in place.
+        The caller binds the per-run inputs and the logits output before each run (binding a name
+        again replaces it in place).
         """
         if self._binding is None or self._bound_to is not session:
             self._binding = session.io_binding()
             self._bound_to = session
-            self._binding.bind_output("logits")
             self.bind(self._binding)
         return self._binding
 

@@ -35,11 +35,16 @@ def test_prefill_and_decode_logits_match_transformers(tiny_fp32: Path, tiny_ref)
     cache = m.new_cache()
     logits = m.forward(ids, cache)
     np.testing.assert_allclose(logits, ref[len(ids) - 1], atol=FP32_ATOL, rtol=0)
+    returned = [logits]
     for step, token in enumerate(continuation):
         logits = m.forward([token], cache)
+        returned.append(logits)
         np.testing.assert_allclose(
             logits, ref[len(ids) + step], atol=FP32_ATOL, rtol=0, err_msg=f"decode step {step}"
         )
+    # Every returned array is the model's own and is never written again by a later run.
+    for step, kept in enumerate(returned):
+        np.testing.assert_allclose(kept, ref[len(ids) - 1 + step], atol=FP32_ATOL, rtol=0)
     assert cache.length == len(ids) + len(continuation)
     # GroupQueryAttention wrote the keys into our own preallocated buffer (past and present share it):
     keys = cache.layers[0][0]  # (1, kv_heads, max_len, head_dim)
