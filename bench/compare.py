@@ -43,6 +43,7 @@ from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_nam
 from edge_qwen.export.options import ExportOptions, default_options
 from edge_qwen.export.readers import read_checkpoint
 from edge_qwen.export.writer import write_package
+from edge_qwen.memory import HUGE_PAGE_OPT_OUT
 from edge_qwen.quant.texts import builtin_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +52,9 @@ PEERS = Path(os.environ.get("EDGE_QWEN_PEERS", Path.home() / ".cache" / "edge-qw
 BENCH_HOME = Path(os.environ.get("EDGE_QWEN_BENCH", Path.home() / ".cache" / "edge-qwen-bench"))
 MODEL = "qwen2.5-coder-0.5b-instruct"
 OURS, GENAI, LLAMA = "edge-qwen", "onnxruntime-genai", "llama.cpp"
+# Ours again as a library user who has not asked glibc for huge pages runs (README, Speed): what the
+# huge pages buy and cost (load), measured in the same rounds. Not in the ratios.
+OURS_SMALL_PAGES = "edge-qwen, 4 KiB pages (EDGE_QWEN_HUGE_PAGES=0)"
 RUN_TIMEOUT = 3600  # seconds for one engine run
 RSS_POLL_SECONDS = 0.02
 # Issue 6's targets: (name, metric, peer, op, target); a peer of None compares our own value.
@@ -146,7 +150,10 @@ def setup_engines(
         errors[GENAI] = str(e)
     gguf_path = llama[1] if llama else fetch_gguf()
     package = ensure_package(gguf_path, work / f"{MODEL}-int4")
-    engines = [Engine(OURS, lambda: run_ours(package, args, 1))]
+    engines = [
+        Engine(OURS, lambda: run_ours(package, args, 1)),
+        Engine(OURS_SMALL_PAGES, lambda: run_ours(package, args, 1, {HUGE_PAGE_OPT_OUT: "0"})),
+    ]
     if genai is not None:
         engines.append(Engine(GENAI, lambda: run_genai(genai, args)))
     if llama is not None:
@@ -169,11 +176,15 @@ def fetch_gguf() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
-def run_ours(package: Path, args: argparse.Namespace, repetitions: int) -> Metrics:
+def run_ours(
+    package: Path, args: argparse.Namespace, repetitions: int, env: dict[str, str] | None = None
+) -> Metrics:
     cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "bench", str(package), "--json"]
     cmd += ["--repetitions", str(repetitions), "--threads", str(args.threads)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
-    d = json.loads(run_measured(cmd).stdout)
+    # The command asks glibc for huge pages itself (apps/launch.py), unless told not to.
+    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+    d = json.loads(run_measured(cmd, env={**environ, **(env or {})}).stdout)
     return {
         "prefill_tps": d["prefill_tokens_per_second"]["median"],
         "decode_tps": d["decode_tokens_per_second"]["median"],
@@ -185,6 +196,7 @@ def run_ours(package: Path, args: argparse.Namespace, repetitions: int) -> Metri
         "achieved_gb_s": d["achieved_bytes_per_second"]["median"] / 1e9,
         "probe_gb_s": d["memory_bandwidth_bytes_per_second"] / 1e9,
         "bandwidth_fraction": d["bandwidth_fraction"],
+        "huge_page_bytes": d["huge_page_bytes"],
     }
 
 
@@ -231,13 +243,13 @@ class Finished:
     peak_rss_bytes: int
 
 
-def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT) -> Finished:
+def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT, env: dict[str, str] | None = None) -> Finished:
     """Run `cmd` to its end: its stdout and its peak RSS, VmHWM polled from /proc while it runs.
 
     Not wait4's ru_maxrss: a child of this process (which holds calibration statistics and export
     buffers) inherits its high-water mark through vfork + exec; VmHWM starts afresh at exec.
     """
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak, stop = [0], threading.Event()
 
     def watch() -> None:

@@ -400,9 +400,9 @@ is (Q4_K_M), `llama-bench -p {prompt_tokens} -n {gen_tokens} -r 1 -t {threads}`.
 its model builder's INT4 CPU default (`../shared/peers/ortgenai_peer.sh`), timed by \
 `ortgenai_bench.py`. Protocol (llama-bench's): a {prompt_tokens}-token prompt (prefill tok/s), then \
 {gen_tokens} greedy tokens (decode tok/s). {rounds} round(s); within each the engines run one after \
-the other (ours, onnxruntime-genai, llama.cpp), so drift of this shared machine hits all of them \
-alike; the table shows medians over rounds. Every run is a fresh process. Ours and llama.cpp use \
-{threads} threads; onnxruntime-genai its own default.
+the other (ours, ours in 4 KiB pages, onnxruntime-genai, llama.cpp), so drift of this shared \
+machine hits all of them alike; the table shows medians over rounds. Every run is a fresh process. \
+Ours and llama.cpp use {threads} threads; onnxruntime-genai its own default.
 
 What differs between engines, and is not hidden: llama-bench times decoding from an empty context, \
 ours and onnxruntime-genai after the prompt (context {prompt_tokens} to \
@@ -413,6 +413,16 @@ llama.cpp. Load time: `edge_qwen.load` (session, tokenizer, template) for ours, 
 high-water mark, VmHWM (ours read by itself before its memory-bandwidth probe, the peers' polled \
 from /proc every 20 ms; not ru_maxrss, which a child inherits from a large parent through vfork), \
 so it includes each runtime's Python or C++ process around the model.
+
+Huge pages: `edge-qwen` restarts itself asking glibc for transparent huge pages \
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, apps/launch.py), so ONNX Runtime's packed weights, which \
+every decode step streams, sit in 2 MiB pages; a library user gets them by setting the variable \
+(README, Speed). The row "4 KiB pages" is the same package and command with \
+`EDGE_QWEN_HUGE_PAGES=0`, in the same rounds; the ratios use the default. Its load is faster here \
+because the kernel zeroes each new huge page on this virtual machine's never-touched memory (free \
+page reporting hands freed 2 MiB blocks back to the host), ~1 s per GB on first touch. \
+How much of decode's gain comes from nested paging (a TLB miss in a guest walks two page tables) \
+is not measured: no bare-metal machine was at hand.
 """
 
 PAPER_TEXT = """\
