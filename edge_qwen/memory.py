@@ -23,7 +23,8 @@ And one way to make decode faster: `huge_page_tunables`. A decode step streams e
 hardware prefetcher that stops at every page boundary. With transparent huge pages in "madvise" mode
 (the common distribution default) ONNX Runtime's packed weights get huge pages only if the heap asks
 for them, which glibc does when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1. The `edge-qwen`
-command restarts itself with it (apps/launch.py); measured here, decode +9-12% (docs/performance.md).
+command restarts itself with it (apps/launch.py). Measured here, decode 4-15% faster depending on the
+run, and a slower first load on this virtual machine (README, "Speed"; docs/performance.md).
 """
 
 from __future__ import annotations

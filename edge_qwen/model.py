@@ -300,8 +300,8 @@ def load(
             session = building.result()
         except Exception as e:  # ONNX Runtime raises its own exception types for bad graphs
             on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
-            fix = "re-export the model" if on_cpu else f"provider {provider!r} may not run it"
-            fix += "" if on_cpu else ": try provider='cpu'"
+            other = f"provider {provider!r} may not run it: try provider='cpu'"
+            fix = "re-export the model" if on_cpu else other
             raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
     release_weight_pages(root / WEIGHTS)  # scales ONNX Runtime keeps mapped after packing
