@@ -16,7 +16,6 @@ docs/performance.md (bench/perf_doc.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -24,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,9 +31,20 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import perf_doc  # bench/ is on sys.path when this runs as a script
+import paper  # bench/ is on sys.path when this runs as a script
+import perf_doc
+from peers import (
+    SHARED,
+    Metrics,
+    genai_version,
+    llama_version,
+    peer_script,
+    run_genai,
+    run_llama,
+    run_measured,
+)
 
-from edge_qwen.benchmark import machine_info, package_size, vm_hwm_bytes
+from edge_qwen.benchmark import machine_info
 from edge_qwen.config import QwenConfig
 from edge_qwen.export import is_current, mark_current
 from edge_qwen.export.calibrate import cached_statistics
@@ -47,16 +56,12 @@ from edge_qwen.memory import HUGE_PAGE_OPT_OUT
 from edge_qwen.quant.texts import builtin_text
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-PEERS = Path(os.environ.get("EDGE_QWEN_PEERS", Path.home() / ".cache" / "edge-qwen-peers"))
 BENCH_HOME = Path(os.environ.get("EDGE_QWEN_BENCH", Path.home() / ".cache" / "edge-qwen-bench"))
 MODEL = "qwen2.5-coder-0.5b-instruct"
 OURS, GENAI, LLAMA = "edge-qwen", "onnxruntime-genai", "llama.cpp"
 # Ours again as a library user who has not asked glibc for huge pages runs (README, Speed): what the
 # huge pages buy and cost (load), measured in the same rounds. Not in the ratios.
 OURS_SMALL_PAGES = "edge-qwen, 4 KiB pages (EDGE_QWEN_HUGE_PAGES=0)"
-RUN_TIMEOUT = 3600  # seconds for one engine run
-RSS_POLL_SECONDS = 0.02
 # Issue 6's targets: (name, metric, peer, op, target); a peer of None compares our own value.
 TARGETS: list[tuple[str, str, str | None, str, float | None]] = [
     ("decode tok/s vs llama.cpp", "decode_tps", LLAMA, ">=", 1.5),
@@ -71,7 +76,6 @@ TARGETS: list[tuple[str, str, str | None, str, float | None]] = [
     ("size on disk vs onnxruntime-genai", "size_bytes", GENAI, "<=", None),
     ("load time, ours (s)", "load_s", None, "<=", 1.0),
 ]
-Metrics = dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def main() -> None:
         "ratios": ratios(summary),
         "measured_fraction": summary.get(OURS, {}).get("median", {}).get("bandwidth_fraction"),
         "curve": curve,
-        "paper": perf_doc.paper(),
+        "paper": paper.paper(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=1) + "\n")
@@ -114,7 +118,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ours and llama.cpp")
-    p.add_argument("--curve", nargs="*", choices=list(perf_doc.LADDER), default=None, help="sizes [all]")
+    p.add_argument("--curve", nargs="*", choices=list(paper.LADDER), default=None, help="sizes [all]")
     p.add_argument("--note", default="", help="A sentence for the doc, e.g. what else loaded the machine.")
     p.add_argument("--work", type=Path, default=BENCH_HOME / "compare")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "performance.json")
@@ -123,7 +127,7 @@ def parse_args() -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     if args.curve == []:
-        args.curve = list(perf_doc.LADDER)
+        args.curve = list(paper.LADDER)
     return args
 
 
@@ -162,14 +166,6 @@ def setup_engines(
     return engines, errors, versions, package
 
 
-def peer_script(name: str) -> str:
-    """Run a ../shared/peers script (each builds once, then answers from its cache); its last line."""
-    out = subprocess.run(["bash", str(SHARED / "peers" / name)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} failed ({out.returncode}): {_tail(out.stderr)}")
-    return out.stdout.strip().splitlines()[-1]
-
-
 def fetch_gguf() -> Path:
     cmd = [sys.executable, str(SHARED / "models" / "fetch_gguf.py"), MODEL]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -198,97 +194,6 @@ def run_ours(
         "bandwidth_fraction": d["bandwidth_fraction"],
         "huge_page_bytes": d["huge_page_bytes"],
     }
-
-
-def run_genai(folder: Path, args: argparse.Namespace) -> Metrics:
-    python = PEERS / "genai-venv" / "bin" / "python"
-    script = SHARED / "peers" / "ortgenai_bench.py"
-    done = run_measured(
-        [str(python), str(script), str(folder), str(args.gen_tokens), str(args.prompt_tokens)]
-    )
-    d = json.loads(done.stdout.strip().splitlines()[-1])
-    if d["prompt"] != args.prompt_tokens or d["new"] != args.gen_tokens:
-        raise RuntimeError(f"ortgenai_bench.py ran {d['prompt']} + {d['new']} tokens, not the protocol's")
-    return {
-        "prefill_tps": d["prefill_tps"],
-        "decode_tps": d["decode_tps"],
-        "ttft_s": d["prefill_s"],
-        "load_s": d["load_s"],
-        "peak_rss_bytes": done.peak_rss_bytes,  # not its own ru_maxrss: inherited from this process
-        "size_bytes": package_size(folder),
-    }
-
-
-def run_llama(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> Metrics:
-    p, n = args.prompt_tokens, args.gen_tokens
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(args.threads)]
-    cmd += ["-p", str(p), "-n", str(n), "-r", "1", "-o", "json"]
-    done = run_measured(cmd)
-    tests = json.loads(done.stdout)
-    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == p and t["n_gen"] == 0)
-    tg = next(t["avg_ts"] for t in tests if t["n_prompt"] == 0 and t["n_gen"] == n)
-    return {
-        "prefill_tps": pp,
-        "decode_tps": tg,
-        "ttft_s": p / pp,
-        "load_s": None,  # llama-bench does not report one
-        "peak_rss_bytes": done.peak_rss_bytes,
-        "size_bytes": gguf.stat().st_size,
-    }
-
-
-@dataclass(frozen=True)
-class Finished:
-    stdout: str
-    peak_rss_bytes: int
-
-
-def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT, env: dict[str, str] | None = None) -> Finished:
-    """Run `cmd` to its end: its stdout and its peak RSS, VmHWM polled from /proc while it runs.
-
-    Not wait4's ru_maxrss: a child of this process (which holds calibration statistics and export
-    buffers) inherits its high-water mark through vfork + exec; VmHWM starts afresh at exec.
-    """
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak, stop = [0], threading.Event()
-
-    def watch() -> None:
-        status = Path(f"/proc/{proc.pid}/status")
-        while not stop.is_set():
-            with contextlib.suppress(OSError):  # once it has exited there is nothing to read
-                peak[0] = max(peak[0], vm_hwm_bytes(status.read_text()) or 0)
-            stop.wait(RSS_POLL_SECONDS)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-    finally:
-        stop.set()
-        watcher.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {_tail(stderr)}")
-    return Finished(stdout, peak[0])
-
-
-def _tail(text: str, lines: int = 5) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:])
-
-
-def genai_version() -> str:
-    python = PEERS / "genai-venv" / "bin" / "python"
-    code = "import onnxruntime_genai as g, onnxruntime as o; print(g.__version__, '/ ort', o.__version__)"
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    return out.stdout.strip() or "?"
-
-
-def llama_version(bin_dir: Path) -> str:
-    out = subprocess.run([str(bin_dir / "llama-bench"), "--version"], capture_output=True, text=True)
-    text = (out.stdout + out.stderr).strip().splitlines()
-    return text[0].removeprefix("version: ") if text else bin_dir.parent.name
 
 
 # -- our packages ---------------------------------------------------------------------------------
@@ -358,7 +263,7 @@ def run_curve(args: argparse.Namespace, work: Path, real_package: Path) -> list[
     )
     opts, rows = curve_options(), []
     for size in args.curve:
-        config = perf_doc.LADDER[size]
+        config = paper.LADDER[size]
         out = work / "curve" / f"random-{size}-int4"
         if not is_current(out, opts, config):
             print(f"curve: exporting {size} (random weights)", file=sys.stderr, flush=True)
@@ -417,7 +322,7 @@ def meta(args: argparse.Namespace, versions: dict[str, str]) -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "llamacpp": versions["llamacpp"],
         "ortgenai": versions["ortgenai"],
-        "recipe": perf_doc.describe(opts.recipe),
+        "recipe": paper.describe(opts.recipe),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "rounds": args.rounds,

@@ -55,9 +55,9 @@ def bench_script(name: str) -> ModuleType:
     return module
 
 
-def perf_doc() -> ModuleType:
-    """bench/perf_doc.py, for its on-paper arithmetic."""
-    return bench_script("perf_doc")
+def paper() -> ModuleType:
+    """bench/paper.py, the on-paper arithmetic of docs/performance.md."""
+    return bench_script("paper")
 
 
 def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> None:
@@ -183,12 +183,12 @@ def test_paper_arithmetic_matches_the_bytes_counted_in_exported_graphs(
 
     package = export_tiny(tiny.hf_dir, tmp_path / "pkg", **options)
     config = read_manifest(package).config
-    predicted = perf_doc().weight_bytes_per_token(config, ExportOptions(**options))  # type: ignore[arg-type]
+    predicted = paper().weight_bytes_per_token(config, ExportOptions(**options))  # type: ignore[arg-type]
     assert weight_bytes_per_token(package / "model.onnx") == predicted
 
 
 def test_paper_predictions_follow_from_bytes_and_bandwidth() -> None:
-    doc = perf_doc()
+    doc = paper()
     rows = {(r["size"], r["precision"]): r for r in doc.paper()["rows"]}
     assert set(rows) == {(s, p) for s in ("0.5B", "1.5B", "3B") for p in ("fp32", "fp16", "int8", "int4")}
     small, big = rows[("0.5B", "int4")], rows[("3B", "int4")]
