@@ -52,7 +52,7 @@ from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_nam
 from edge_qwen.export.options import ExportOptions, default_options
 from edge_qwen.export.readers import read_checkpoint
 from edge_qwen.export.writer import write_package
-from edge_qwen.memory import HUGE_PAGE_OPT_OUT
+from edge_qwen.memory import HUGE_PAGE_OPT_OUT, without_huge_page_choice
 from edge_qwen.quant.texts import builtin_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def run_ours(
     cmd += ["--repetitions", str(repetitions), "--threads", str(args.threads)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
     # The command asks glibc for huge pages itself (apps/launch.py), unless told not to.
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+    environ = without_huge_page_choice(os.environ)
     d = json.loads(run_measured(cmd, env={**environ, **(env or {})}).stdout)
     return {
         "prefill_tps": d["prefill_tokens_per_second"]["median"],

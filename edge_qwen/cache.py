@@ -121,12 +121,13 @@ def small_page_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     the first position of each layer's buffer would make 2 MiB resident: ~100 MB for the 0.5B's
     48 buffers before a token is cached.
     """
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buffer = mmap.mmap(-1, max(nbytes, 1))  # anonymous: zero-filled, pages made on first write
+    count = int(np.prod(shape))
+    # Anonymous: zero-filled, its pages made on first write.
+    buffer = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
     if hasattr(buffer, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere no THP
         with contextlib.suppress(OSError):  # a kernel built without transparent huge pages
             buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(buffer, dtype, count=int(np.prod(shape))).reshape(shape)
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

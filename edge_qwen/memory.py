@@ -94,6 +94,12 @@ def huge_page_tunables(
     return f"{current}:{HUGE_PAGE_TUNABLE}" if current else HUGE_PAGE_TUNABLE
 
 
+def without_huge_page_choice(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """`environ` less GLIBC_TUNABLES and EDGE_QWEN_HUGE_PAGES: a child `edge-qwen` started with it makes
+    the choice itself, as on a new user's machine (the bench scripts and tests start it so)."""
+    return {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+
+
 def huge_pages_requested(environ: dict[str, str] | os._Environ[str]) -> bool:
     """Whether this process was started asking glibc for huge pages."""
     return HUGE_PAGE_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")

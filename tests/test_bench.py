@@ -30,7 +30,7 @@ from edge_qwen.benchmark import (
 )
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.errors import ContextFullError
-from edge_qwen.memory import HUGE_PAGE_OPT_OUT, huge_page_tunables
+from edge_qwen.memory import huge_page_tunables, without_huge_page_choice
 from edge_qwen.package import read_manifest
 from tests.conftest import TinyModel, export_tiny
 
@@ -40,7 +40,7 @@ PROMPT, GEN, REPS = 16, 8, 2
 
 def run_bench(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "bench", *args]
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+    environ = without_huge_page_choice(os.environ)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**environ, **env})
 
 
@@ -83,7 +83,7 @@ def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> Non
     assert d["package_bytes"] == sum(p.stat().st_size for p in tiny_fp32.iterdir())
     assert 10e6 < d["peak_rss_bytes"] < 4e9
     # The command restarts itself asking glibc for huge pages exactly where that changes something.
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
+    environ = without_huge_page_choice(os.environ)
     assert d["huge_pages_requested"] == (huge_page_tunables(environ) is not None)
     huge = d["huge_page_bytes"]
     assert huge is None if not Path("/proc/self/smaps_rollup").is_file() else 0 <= huge <= d["peak_rss_bytes"]
