@@ -16,9 +16,9 @@ from pathlib import Path
 
 
 def status() -> dict[str, float]:
-    """VmRSS, VmHWM and RssFile of this process, in MB."""
+    """VmRSS, VmHWM and RssFile of this process, in MB (10^6 bytes, as `edge-qwen bench` reports)."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM", "RssFile")}
+    return {key: int(fields[key].split()[0]) * 1024 / 1e6 for key in ("VmRSS", "VmHWM", "RssFile")}
 
 
 def show(stage: str) -> None:

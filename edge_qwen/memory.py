@@ -4,16 +4,11 @@ Two leftovers of loading a package count in the process's resident size without 
 
 - the C heap's freed pages, which glibc keeps for reuse (the tokenizer's JSON parse, the graph's
   protobuf): `release_free_heap` trims them;
-- pages of the weights file that ONNX Runtime read while loading and keeps mapped. It maps each
-  external initializer privately and, once a MatMulNBits kernel has packed its weight into its own
-  buffer, unmaps it; but on x86 its int8-compute path reports scales and zero points as not packed, so
-  they stay mapped, and resident, unused (~67 MB at block 32, ~33 MB at block 64 for the 0.5B).
-  `release_weight_pages` drops them: the kernel forgets those pages, and should anything read them
-  again they come back from the file, unchanged. Only mappings with no page of their own (nothing
-  written over the file's contents, "Anonymous: 0" in /proc/self/smaps) are touched, so no data can
-  be lost.
+- pages of the weights file read while ONNX Runtime packed them: `drop_pages` makes the kernel forget
+  pages of a read-only file mapping, which come back from the file, unchanged, should anything read
+  them again (weights.py maps the file and calls it).
 
-On other systems (no /proc/self/smaps, no glibc) both do nothing.
+On other systems (no glibc, no madvise) both do nothing.
 
 The opposite case, memory the model will only partly touch, is the KV cache (cache.py,
 `small_page_zeros`).
@@ -47,18 +42,10 @@ def release_free_heap() -> None:
         _glibc.malloc_trim(0)
 
 
-def release_weight_pages(data_file: Path, smaps: Path = Path("/proc/self/smaps")) -> int:
-    """Drop this process's resident pages of `data_file` that were only ever read; returns bytes mapped.
-
-    The pages stay in the page cache (other processes and the next load still find them there).
-    """
-    if _libc is None or not smaps.is_file():
-        return 0
-    released = 0
-    for start, end in unmodified_mappings(smaps.read_text(), str(Path(data_file).resolve())):
-        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
-            released += end - start
-    return released
+def drop_pages(address: int, size: int) -> None:
+    """madvise(MADV_DONTNEED) `size` bytes at `address`: only for mappings nothing ever wrote to."""
+    if _libc is not None:
+        _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), MADV_DONTNEED)
 
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -128,26 +115,6 @@ def _glibc_version() -> str:
         return os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (AttributeError, OSError, ValueError):
         return ""
-
-
-def unmodified_mappings(smaps_text: str, path: str) -> list[tuple[int, int]]:
-    """(start, end) of the mappings of `path` in an smaps text that hold no anonymous (written) page."""
-    found: list[tuple[int, int]] = []
-    current: tuple[int, int] | None = None
-    for line in smaps_text.splitlines():
-        fields = line.split()
-        if not fields:
-            continue
-        if fields[0].count("-") == 1 and not fields[0].endswith(":"):  # a mapping's header line
-            current = None
-            if len(fields) >= 6 and " ".join(fields[5:]) == path:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                current = (start, end)
-        elif current is not None and fields[0] == "Anonymous:":
-            if fields[1] == "0":
-                found.append(current)
-            current = None
-    return found
 
 
 def _load_libc() -> tuple[Any, Any]:

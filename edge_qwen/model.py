@@ -8,7 +8,7 @@ import platform
 import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,11 +20,12 @@ from edge_qwen.cache import KVCache, default_cache_len
 from edge_qwen.chat_template import ChatTemplate
 from edge_qwen.errors import ContextFullError, PackageError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
-from edge_qwen.memory import release_free_heap, release_weight_pages
+from edge_qwen.memory import release_free_heap
 from edge_qwen.package import WEIGHTS, Manifest, read_manifest
 from edge_qwen.providers import cpuinfo_text, int8_fallback_warning, session_options, session_providers
 from edge_qwen.sampling import Sampler
 from edge_qwen.session import ChatSession
+from edge_qwen.weights import MappedWeights, WeightsSession, external_tensors
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Model:
         )
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
+        self._weights: MappedWeights | None = getattr(session, "weights", None)
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -111,7 +113,9 @@ class Model:
         rows = chunk.size if self.manifest.logits == "all" else 1
         logits = np.empty((1, rows, self.config.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        self.session.run_with_iobinding(binding)
+        # The weights file's pages the run reads (embedding rows, norms) are dropped as it goes (weights.py).
+        with self._weights.running(chunk.size) if self._weights else nullcontext():
+            self.session.run_with_iobinding(binding)
         cache.append(chunk)
         return logits[0, -1]
 
@@ -288,28 +292,34 @@ def load(
     # parses the tokenizer (which holds it): the two overlap on two cores. Most of the session's time
     # is the kernel handing out and zeroing pages for the packed weights, slowest for fresh huge pages
     # (memory.py). Measured on the default 0.5B (edge-qwen bench, first load of fresh processes, huge
-    # pages): 0.68-1.47 s against 1.58-1.72 s one after the other; the peak grows ~7 MB, since the
-    # tokenizer's ~40 MB of parsing scratch, trimmed as soon as it is done, now meets the session's.
-    with ThreadPoolExecutor(1, thread_name_prefix="edge-qwen-load") as pool:
-        building = pool.submit(ort.InferenceSession, str(root / "model.onnx"), options, providers=providers)
-        try:
-            tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-        finally:
-            release_free_heap()  # the parse's scratch, while the weights are still arriving
+    # pages): 0.68-1.47 s against 1.58-1.72 s one after the other.
+    on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
+    # On the CPU the weights file is ours to map (weights.py), so what is packed is dropped as it goes.
+    # Other providers compile their nodes from the file themselves: it is left to ONNX Runtime.
+    weights = MappedWeights(root / WEIGHTS, external_tensors(root / "model.onnx")) if on_cpu else None
+    dropping = weights.dropping() if weights else nullcontext()
+    with ThreadPoolExecutor(1, thread_name_prefix="edge-qwen-load") as pool, dropping:
+        building = pool.submit(WeightsSession, root / "model.onnx", options, providers, weights)
+        tokenizer = _parse_tokenizer(root)
         try:
             session = building.result()
         except Exception as e:  # ONNX Runtime raises its own exception types for bad graphs
-            on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
             other = f"provider {provider!r} may not run it: try provider='cpu'"
             fix = "re-export the model" if on_cpu else other
             raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
-    release_weight_pages(root / WEIGHTS)  # scales ONNX Runtime keeps mapped after packing
     recipe = (manifest.raw.get("quantization") or {}).get("recipe") or {}
     warning = int8_fallback_warning(recipe, platform.machine(), cpuinfo_text())
     if warning:
         log.warning("%s", warning)
     return Model(root, manifest, session, tokenizer)
+
+
+def _parse_tokenizer(root: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(root / "tokenizer.json"))
+    finally:
+        release_free_heap()  # the parse's scratch, while the weights are still arriving
 
 
 def _read_json(path: Path) -> dict[str, Any]:

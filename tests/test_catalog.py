@@ -476,7 +476,7 @@ def test_real_pull_answers_paris():
     assert path == ci_home / "packages" / f"{REAL_NAME}-int4"
     assert json.loads((path / "edge_qwen.json").read_text())["precision"] == "int4"
     model = edge_qwen.load(path)
-    # ONNX Runtime keeps the packed weights' scales mapped after loading; the loader hands them back.
+    # The loader maps the weights itself (weights.py) and leaves none of them resident once loaded.
     weights = path / "model.onnx.data"
     assert mapped_kb(weights, "Size:") > 0 and mapped_kb(weights, "Rss:") == 0
     answer = model.generate("What is the capital of France? Answer in one word.", max_tokens=16)

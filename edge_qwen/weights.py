@@ -1,0 +1,229 @@
+"""The package's weights file, mapped by us and handed to ONNX Runtime as views, so its pages can be dropped.
+
+Left to itself, ONNX Runtime maps each external initializer of model.onnx.data, packs the MatMulNBits
+weights into buffers of its own, and keeps what it did not pack mapped: on x86 the int8-compute path
+copies the scales into the packed buffer but reports them as not packed, so they stay resident, unused
+(~54 MB for the 0.5B at block 32, all of them at once by the end of the build). The process's peak
+size is reached there.
+
+Here the file is mapped once, read-only, and every external initializer is given to the session as a
+view of that mapping (`SessionOptions.add_initializer`: ONNX Runtime uses the memory, it does not copy
+it). A mapping of our own can be dropped at any moment without losing data: its pages were only ever
+read, so the kernel forgets them and brings them back from the file (usually still in the page cache)
+should anything read them again. `drop_pages` does so; `MappedWeights.dropping` does it every few
+milliseconds while the session is built, so the weights being packed never pile up.
+
+After loading, decoding still reads a few tensors of the file: the norms, the rotary caches' rows
+and, above all, the embedding table, a row per token. Each read maps more than its page: the kernel
+maps the neighbouring pages already in the page cache too ("fault-around", 64 KB), so random token
+ids would make the table resident ~70 KB at a time (500 random pages of the file: +35.6 MB resident;
+`edge-qwen bench`'s random prompt: +25 MB by the end of its warm-up). `running` drops the mapping's
+pages while a prompt runs and every DROP_EVERY decoded tokens, which bounds that to a few megabytes;
+the norms and cache rows come back from the page cache at the next run (a minor fault each).
+
+The mapping must outlive the session: `WeightsSession` holds it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_qwen.errors import PackageError
+from edge_qwen.memory import drop_pages
+
+# ONNX TensorProto.DataType -> numpy; an initializer of another type is left to ONNX Runtime.
+NUMPY_TYPES = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    10: np.float16,
+    11: np.float64,
+    12: np.uint32,
+    13: np.uint64,
+}
+EXTERNAL = 1  # TensorProto.DataLocation
+DROP_INTERVAL = 0.01  # seconds between drops while the session is built
+DROP_EVERY = 16  # tokens between drops afterwards; a drop takes ~2-20 us, a decode step ~13 ms
+
+
+@dataclass(frozen=True)
+class ExternalTensor:
+    """An initializer whose bytes are in an external file."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    location: str
+    offset: int
+    length: int
+
+
+class MappedWeights:
+    """`path` mapped read-only, with a view of it for each of `tensors` stored there."""
+
+    def __init__(self, path: Path, tensors: Sequence[ExternalTensor]) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as e:  # missing, unreadable, empty
+            raise PackageError(f"{path}: cannot map the weights ({e}): re-export the package") from e
+        data = np.frombuffer(self._map, np.uint8)
+        self._address, self.size = data.ctypes.data, data.size
+        self.values: dict[str, ort.OrtValue] = {}
+        self._tokens = 0  # run since the last drop
+        for t in tensors:
+            if t.location != path.name or t.data_type not in NUMPY_TYPES:
+                continue  # ONNX Runtime reads it itself
+            if t.offset + t.length > self.size:
+                raise PackageError(
+                    f"{path}: {t.name} ends at byte {t.offset + t.length}, past the file's {self.size} "
+                    "bytes (a truncated download or copy?): re-export or copy the package again"
+                )
+            view = data[t.offset : t.offset + t.length].view(NUMPY_TYPES[t.data_type]).reshape(t.dims)
+            self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # no copy
+
+    def add_to(self, options: ort.SessionOptions) -> None:
+        for name, value in self.values.items():
+            options.add_initializer(name, value)
+
+    def drop_pages(self) -> None:
+        drop_pages(self._address, self.size)
+
+    @contextmanager
+    def running(self, tokens: int) -> Iterator[None]:
+        """Around a session run of `tokens` tokens: drops what its reads of the file left resident.
+
+        A prompt's chunk reads a row per token and more of the file as it goes (64 random ids: +15 MB
+        resident by the end of the run), so its pages are dropped while it runs; a decode step's
+        few once DROP_EVERY tokens have run.
+        """
+        if tokens > 1:
+            with self.dropping():
+                yield
+            self._tokens = 0
+            return
+        yield
+        self._tokens += tokens
+        if self._tokens >= DROP_EVERY:
+            self.drop_pages()
+            self._tokens = 0
+
+    @contextmanager
+    def dropping(self, interval: float = DROP_INTERVAL) -> Iterator[None]:
+        """Drop the mapping's pages every `interval` seconds while the block runs, and once after."""
+        stop = threading.Event()
+
+        def drop_until_stopped() -> None:
+            while not stop.wait(interval):
+                self.drop_pages()
+
+        worker = threading.Thread(target=drop_until_stopped, name="edge-qwen-drop", daemon=True)
+        worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            worker.join()
+            self.drop_pages()
+
+
+class WeightsSession(ort.InferenceSession):
+    """An InferenceSession whose external initializers are views of `weights`, which it keeps alive
+    (ONNX Runtime keeps only raw pointers to them); with None, ONNX Runtime reads the file itself."""
+
+    def __init__(
+        self,
+        model: Path,
+        options: ort.SessionOptions,
+        providers: Sequence[Any],
+        weights: MappedWeights | None,
+    ) -> None:
+        self.weights = weights
+        if weights is not None:
+            weights.add_to(options)
+        super().__init__(str(model), options, providers=providers)
+
+
+def external_tensors(model_onnx: Path) -> list[ExternalTensor]:
+    """The initializers of `model_onnx` stored in external files, read without the onnx package.
+
+    Only the fields needed are declared (protobuf skips the others): importing onnx would cost the
+    runtime ~50 ms and ~11 MB at every load.
+    """
+    model = _model_class()()
+    try:
+        model.ParseFromString(model_onnx.read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise PackageError(f"{model_onnx}: not an ONNX model ({e}): re-export the package") from e
+    found = []
+    for t in model.graph.initializer:
+        if t.data_location != EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in t.external_data}
+        try:
+            found.append(
+                ExternalTensor(
+                    t.name,
+                    t.data_type,
+                    tuple(t.dims),
+                    info["location"],
+                    int(info.get("offset", 0)),
+                    int(info["length"]),
+                )
+            )
+        except (KeyError, ValueError) as e:
+            raise PackageError(f"{model_onnx}: {t.name}'s external data is malformed ({e})") from e
+    return found
+
+
+_MODEL_CLASS: Any = None
+
+
+def _model_class() -> Any:
+    """A protobuf class for the part of onnx.proto's ModelProto that names the external initializers."""
+    global _MODEL_CLASS
+    if _MODEL_CLASS is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        f = descriptor_pb2.FieldDescriptorProto
+        proto = descriptor_pb2.FileDescriptorProto(name="edge_qwen_onnx.proto", package="edge_qwen_onnx")
+        # (message, [(field, number, type, repeated, message type)]), numbered as in onnx.proto
+        for message, fields in (
+            ("Entry", [("key", 1, f.TYPE_STRING, False, ""), ("value", 2, f.TYPE_STRING, False, "")]),
+            (
+                "Tensor",
+                [
+                    ("dims", 1, f.TYPE_INT64, True, ""),
+                    ("data_type", 2, f.TYPE_INT32, False, ""),
+                    ("name", 8, f.TYPE_STRING, False, ""),
+                    ("external_data", 13, f.TYPE_MESSAGE, True, ".edge_qwen_onnx.Entry"),
+                    ("data_location", 14, f.TYPE_INT32, False, ""),
+                ],
+            ),
+            ("Graph", [("initializer", 5, f.TYPE_MESSAGE, True, ".edge_qwen_onnx.Tensor")]),
+            ("Model", [("graph", 7, f.TYPE_MESSAGE, False, ".edge_qwen_onnx.Graph")]),
+        ):
+            m = proto.message_type.add(name=message)
+            for name, number, kind, repeated, type_name in fields:
+                label = f.LABEL_REPEATED if repeated else f.LABEL_OPTIONAL
+                field = m.field.add(name=name, number=number, type=kind, label=label)
+                if type_name:
+                    field.type_name = type_name
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(proto)
+        _MODEL_CLASS = message_factory.GetMessageClass(pool.FindMessageTypeByName("edge_qwen_onnx.Model"))
+    return _MODEL_CLASS
