@@ -113,9 +113,9 @@ class Model:
         rows = chunk.size if self.manifest.logits == "all" else 1
         logits = np.empty((1, rows, self.config.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-        # The weights file's pages the run reads (embedding rows, norms) are dropped as it goes (weights.py).
-        with self._weights.running(chunk.size) if self._weights else nullcontext():
-            self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding)
+        if self._weights is not None:
+            self._weights.ran(chunk.size)  # drops the pages of the file it read, now and then (weights.py)
         cache.append(chunk)
         return logits[0, -1]
 
