@@ -80,7 +80,7 @@ class MappedWeights:
         self.path = path
         try:
             with open(path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # read-only, any OS
         except (OSError, ValueError) as e:  # missing, unreadable, empty
             raise PackageError(f"{path}: cannot map the weights ({e}): re-export the package") from e
         data = np.frombuffer(self._map, np.uint8)
