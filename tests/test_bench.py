@@ -224,3 +224,16 @@ def test_floor_runs_the_packages_own_products_alone(tiny: TinyModel, tmp_path: P
     widths = [next(a.i for a in n.attribute if a.name == "N") for n in products]
     assert [o.shape for o in outputs] == [(1, n) for n in widths]
     assert all(np.isfinite(o).all() and np.abs(o).max() > 0 for o in outputs)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status")
+@pytest.mark.parametrize("only", [None, "tokenizer", "session"])
+def test_memory_script_shows_each_stage(tiny_fp32: Path, only: str | None) -> None:
+    cmd = [sys.executable, str(REPO / "bench" / "memory.py"), str(tiny_fp32), "--prompt-tokens", "4"]
+    cmd += ["--gen-tokens", "2", *(["--only", only] if only else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    stages = [line.split()[0] for line in out.splitlines()]
+    whole = ["start", "imports", "load", "prefill", "decode"]
+    assert stages == (["start", "libraries", only] if only else whole)
+    resident = [float(line.split()[2]) for line in out.splitlines()]
+    assert resident[-1] > resident[0] > 1  # MB, growing as parts load
