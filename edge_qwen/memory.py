@@ -6,7 +6,10 @@ Two leftovers of loading a package count in the process's resident size without 
   protobuf): `release_free_heap` trims them;
 - pages of the weights file read while ONNX Runtime packed them: `drop_pages` makes the kernel forget
   pages of a read-only file mapping, which come back from the file, unchanged, should anything read
-  them again (weights.py maps the file and calls it).
+  them again (weights.py maps the file and calls it). With a provider other than the CPU alone, ONNX
+  Runtime maps the file itself and keeps the scales it did not pack mapped; `release_weight_pages`
+  drops those mappings' pages after the load, touching only mappings with no page of their own
+  ("Anonymous: 0" in /proc/self/smaps), so no data can be lost.
 
 On other systems (no glibc, no madvise) both do nothing.
 
@@ -46,6 +49,20 @@ def drop_pages(address: int, size: int) -> None:
     """madvise(MADV_DONTNEED) `size` bytes at `address`: only for mappings nothing ever wrote to."""
     if _libc is not None:
         _libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), MADV_DONTNEED)
+
+
+def release_weight_pages(data_file: Path, smaps: Path = Path("/proc/self/smaps")) -> int:
+    """Drop this process's resident pages of `data_file` that were only ever read; returns bytes mapped.
+
+    The pages stay in the page cache (other processes and the next load still find them there).
+    """
+    if _libc is None or not smaps.is_file():
+        return 0
+    released = 0
+    for start, end in unmodified_mappings(smaps.read_text(), str(Path(data_file).resolve())):
+        if _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            released += end - start
+    return released
 
 
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
@@ -115,6 +132,26 @@ def _glibc_version() -> str:
         return os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (AttributeError, OSError, ValueError):
         return ""
+
+
+def unmodified_mappings(smaps_text: str, path: str) -> list[tuple[int, int]]:
+    """(start, end) of the mappings of `path` in an smaps text that hold no anonymous (written) page."""
+    found: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in smaps_text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0].count("-") == 1 and not fields[0].endswith(":"):  # a mapping's header line
+            current = None
+            if len(fields) >= 6 and " ".join(fields[5:]) == path:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                current = (start, end)
+        elif current is not None and fields[0] == "Anonymous:":
+            if fields[1] == "0":
+                found.append(current)
+            current = None
+    return found
 
 
 def _load_libc() -> tuple[Any, Any]:

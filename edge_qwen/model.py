@@ -20,7 +20,7 @@ from edge_qwen.cache import KVCache, default_cache_len
 from edge_qwen.chat_template import ChatTemplate
 from edge_qwen.errors import ContextFullError, PackageError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
-from edge_qwen.memory import release_free_heap
+from edge_qwen.memory import release_free_heap, release_weight_pages
 from edge_qwen.package import WEIGHTS, Manifest, read_manifest
 from edge_qwen.providers import cpuinfo_text, int8_fallback_warning, session_options, session_providers
 from edge_qwen.sampling import Sampler
@@ -308,6 +308,8 @@ def load(
             fix = "re-export the model" if on_cpu else other
             raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
+    if weights is None:
+        release_weight_pages(root / WEIGHTS)  # scales ONNX Runtime keeps mapped after packing
     recipe = (manifest.raw.get("quantization") or {}).get("recipe") or {}
     warning = int8_fallback_warning(recipe, platform.machine(), cpuinfo_text())
     if warning:

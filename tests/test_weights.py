@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -129,3 +130,17 @@ def test_the_session_keeps_the_mapping_alive(tiny_int4: Path) -> None:
     del again, session
     gc.collect()
     assert alive() is None
+
+
+@needs_smaps
+@pytest.mark.skipif(
+    "AzureExecutionProvider" not in ort.get_available_providers(), reason="needs a second provider to ask for"
+)
+def test_with_another_provider_onnx_runtime_maps_the_file_and_its_pages_are_dropped(tiny_int4: Path) -> None:
+    """Providers that compile their nodes read the file themselves: left to ONNX Runtime, as before."""
+    model = edge_qwen.load(tiny_int4, provider="AzureExecutionProvider")  # takes no node: all on the CPU
+    assert model.providers == ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert model.session.weights is None  # type: ignore[attr-defined]
+    data = tiny_int4 / "model.onnx.data"
+    assert mapped_kb(data, "Size:") > 0 and mapped_kb(data, "Rss:") == 0  # ORT's mappings, released
+    assert np.isfinite(model.forward([1, 2, 3], model.new_cache(8))).all()
