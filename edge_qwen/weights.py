@@ -95,7 +95,13 @@ class MappedWeights:
                     f"{path}: {t.name} ends at byte {t.offset + t.length}, past the file's {self.size} "
                     "bytes (a truncated download or copy?): re-export or copy the package again"
                 )
-            view = data[t.offset : t.offset + t.length].view(NUMPY_TYPES[t.data_type]).reshape(t.dims)
+            dtype = np.dtype(NUMPY_TYPES[t.data_type])
+            if t.length != int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize:
+                raise PackageError(
+                    f"{path}: {t.name} is {t.length} bytes, not the {t.dims} {dtype} model.onnx says: "
+                    "re-export the package"
+                )
+            view = data[t.offset : t.offset + t.length].view(dtype).reshape(t.dims)
             self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # no copy
 
     def add_to(self, options: ort.SessionOptions) -> None:

@@ -58,6 +58,13 @@ def test_a_tensor_past_the_end_of_the_file_is_a_package_error(tmp_path: Path) ->
         MappedWeights(tmp_path / "model.onnx.data", [beyond])
 
 
+def test_a_tensor_of_the_wrong_length_is_a_package_error(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx.data").write_bytes(b"\0" * 64)
+    short = ExternalTensor("w", 1, (4, 4), "model.onnx.data", offset=0, length=60)
+    with pytest.raises(PackageError, match=r"w is 60 bytes, not the \(4, 4\) float32 model.onnx says"):
+        MappedWeights(tmp_path / "model.onnx.data", [short])
+
+
 def test_an_empty_weights_file_is_a_package_error(tmp_path: Path) -> None:
     (tmp_path / "model.onnx.data").write_bytes(b"")
     with pytest.raises(PackageError, match="cannot map the weights"):
