@@ -75,9 +75,10 @@ def report_lines(r: BenchResult) -> list[str]:
 
 def _huge_pages(r: BenchResult) -> str:
     held = "" if r.huge_page_bytes is None else f", {r.huge_page_bytes / 1e6:.0f} MB held in them"
-    if r.huge_pages_requested:
-        return f"huge pages asked of glibc{held}"
-    return f"huge pages not asked of glibc (see README, Speed){held}"
+    if r.huge_pages_requested and r.huge_pages_seconds is not None:
+        after = r.huge_pages_seconds.median
+        return f"weights moved into huge pages in {after:.2f} s after loading, waited for{held}"
+    return f"huge pages not used (see README, Speed){held}"
 
 
 def _row(name: str, stat: Stat, scale: float) -> str:

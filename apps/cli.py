@@ -193,7 +193,5 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-if __name__ == "__main__":  # python -m edge_qwen.apps.cli: the same start as the command
-    from edge_qwen.apps.launch import main as launch
-
-    launch()
+if __name__ == "__main__":  # python -m edge_qwen.apps.cli: the same as the command
+    main()

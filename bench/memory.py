@@ -44,6 +44,8 @@ def main() -> None:
 
     show("imports")
     model = edge_qwen.load(args.package)
+    if model.huge_pages is not None:
+        model.huge_pages.join()  # its move of the weights into huge pages, as edge-qwen bench waits
     show("load")
     cache = model.new_cache()
     prompt = [(1000 + i) % model.config.vocab_size for i in range(args.prompt_tokens)]

@@ -1,7 +1,7 @@
 """edge-qwen: an on-device runtime for the small Qwen2.5 models.
 
-The names below are imported on first use, so that `import edge_qwen` (and the `edge-qwen` command's
-start, apps/launch.py) does not load ONNX Runtime and numpy until something needs them.
+The names below are imported on first use, so that `import edge_qwen` (and `edge-qwen --help`) does
+not load ONNX Runtime and numpy until something needs them.
 """
 
 from __future__ import annotations

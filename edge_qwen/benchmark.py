@@ -1,6 +1,7 @@
 """Measure a model package the llama-bench way, and how close its decoding comes to memory bandwidth.
 
-    load        edge_qwen.load, once per repetition (the last model is kept)
+    load        edge_qwen.load, once per repetition (the last model is kept); then the wait for
+                its background move of the weights into huge pages, timed apart (memory.py)
     warm-up     one untimed prefill + two decode steps
     per rep     fresh KV cache of prompt + gen positions
                 prefill = one Model.forward over a seeded random prompt
@@ -36,7 +37,7 @@ import onnxruntime as ort
 
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.config import QwenConfig
-from edge_qwen.memory import anon_huge_page_bytes, huge_pages_requested
+from edge_qwen.memory import anon_huge_page_bytes
 from edge_qwen.model import Model, check_context, load
 from edge_qwen.package import read_manifest
 from edge_qwen.providers import cpuinfo_text, physical_cores
@@ -116,7 +117,9 @@ class BenchResult:
     decode_tokens_per_second: Stat
     ttft_seconds: Stat
     peak_rss_bytes: int
-    huge_pages_requested: bool  # started with glibc.malloc.hugetlb=1 (the command does it: launch.py)
+    huge_pages_requested: bool  # load() moved the weights into huge pages (memory.py)
+    # How long that move still took after load() returned; the runs are timed once it is done.
+    huge_pages_seconds: Stat | None
     huge_page_bytes: int | None  # anonymous memory in transparent huge pages after the runs
     package_bytes: int
     traffic: DecodeTraffic
@@ -165,7 +168,7 @@ def run_benchmark(
     check_context(prompt_tokens, gen_tokens, manifest.max_context, "lower --prompt-tokens or --gen-tokens")
     threads = threads or physical_cores()
 
-    model, load_seconds = _timed_loads(root, threads, repetitions)
+    model, load_seconds, huge_seconds = _timed_loads(root, threads, repetitions)
     prompt = np.random.default_rng(PROMPT_SEED).integers(0, model.config.vocab_size, prompt_tokens)
     _time_generation(model, prompt, WARMUP_DECODE_STEPS)  # arena growth and first-run costs
     runs = [_time_generation(model, prompt, gen_tokens) for _ in range(repetitions)]
@@ -190,7 +193,8 @@ def run_benchmark(
         decode_tokens_per_second=Stat.of([r.decode_steps / r.decode for r in runs]),
         ttft_seconds=Stat.of([r.ttft for r in runs]),
         peak_rss_bytes=peak_rss,
-        huge_pages_requested=huge_pages_requested(os.environ),
+        huge_pages_requested=bool(huge_seconds),
+        huge_pages_seconds=Stat.of(huge_seconds) if huge_seconds else None,
         huge_page_bytes=huge_bytes,
         package_bytes=package_size(root),
         traffic=decode_traffic(root / "model.onnx", manifest.config, prompt.size, gen_tokens),
@@ -203,18 +207,25 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _timed_loads(root: Path, threads: int, repetitions: int) -> tuple[Model, list[float]]:
-    """Load `repetitions` times (each model freed before the next); returns the last and the times."""
+def _timed_loads(root: Path, threads: int, repetitions: int) -> tuple[Model, list[float], list[float]]:
+    """Load `repetitions` times (each model freed before the next); returns the last model, the load
+    times, and how long each load's background move into huge pages took after it returned (waited
+    for, so that neither the next load nor the runs share the CPU with it)."""
     seconds: list[float] = []
+    huge_seconds: list[float] = []
     model: Model | None = None
     for _ in range(repetitions):
         model = None
         gc.collect()
         start = time.perf_counter()
         model = load(root, threads=threads)
-        seconds.append(time.perf_counter() - start)
+        loaded = time.perf_counter()
+        seconds.append(loaded - start)
+        if model.huge_pages is not None:
+            model.huge_pages.join()
+            huge_seconds.append(time.perf_counter() - loaded)
     assert model is not None
-    return model, seconds
+    return model, seconds, huge_seconds
 
 
 def _time_generation(model: Model, prompt: np.ndarray, gen_tokens: int) -> _Timing:

@@ -16,19 +16,24 @@ On other systems (no glibc, no madvise) both do nothing.
 The opposite case, memory the model will only partly touch, is the KV cache (cache.py,
 `small_page_zeros`).
 
-And one way to make decode faster: `huge_page_tunables`. A decode step streams every packed weight
-(~340 MB for the 0.5B at int4) through the CPU; in 4 KiB pages that is ~85,000 page walks and a
-hardware prefetcher that stops at every page boundary. With transparent huge pages in "madvise" mode
-(the common distribution default) ONNX Runtime's packed weights get huge pages only if the heap asks
-for them, which glibc does when started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1. The `edge-qwen`
-command restarts itself with it (apps/launch.py). Measured here, decode 4-15% faster depending on the
-run, and a slower first load on this virtual machine (README, "Speed"; docs/performance.md).
+And one way to make decode faster: `collapse_into_huge_pages`. A decode step streams every packed
+weight (~340 MB for the 0.5B at int4) through the CPU; in 4 KiB pages that is ~85,000 page walks and
+a hardware prefetcher that stops at every page boundary. With transparent huge pages in "madvise"
+mode (the common distribution default) nothing gets huge pages unless asked. `edge_qwen.load` asks
+once the session is built: a background thread has the kernel copy every fully resident 2 MiB of
+the process's anonymous memory into a huge page (MADV_COLLAPSE, Linux 6.1+), which takes 0.45-1.6 s
+here while the model already runs. Asking earlier (glibc's `glibc.malloc.hugetlb=1`, which the
+`edge-qwen` command did until session 6) put every allocation of the load in fresh huge pages, and on
+this virtual machine fresh memory is slow to touch: the load took 1.0-1.4 s instead of ~0.85
+(README, "Speed"; docs/memory.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,48 +70,94 @@ def release_weight_pages(data_file: Path, smaps: Path = Path("/proc/self/smaps")
     return released
 
 
-HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-HUGE_PAGE_OPT_OUT = "EDGE_QWEN_HUGE_PAGES"  # "0" keeps glibc's default
+HUGE_PAGE_OPT_OUT = "EDGE_QWEN_HUGE_PAGES"  # "0": leave the weights in small pages
 THP = Path("/sys/kernel/mm/transparent_hugepage")
-LARGEST_HUGE_PAGE = 2 << 20  # a 16K- or 64K-page kernel's huge pages (32 MB, 512 MB) would bloat memory
+HUGE_PAGE = 2 << 20  # a 16K- or 64K-page kernel's huge pages (32 MB, 512 MB) would bloat memory
+MADV_COLLAPSE = 25  # Linux 6.1+
+SMAPS = Path("/proc/self/smaps")
 
 
-def huge_page_tunables(
-    environ: dict[str, str] | os._Environ[str], thp: Path = THP, libc_version: str | None = None
-) -> str | None:
-    """The GLIBC_TUNABLES value that gives the weights huge pages, or None when it would change nothing.
-
-    None when: opted out (EDGE_QWEN_HUGE_PAGES=0); already asked for; not glibc 2.35 or newer (the
-    first with the tunable); transparent huge pages are off or "always" (the kernel already uses
-    them) or unknown; or the huge page is bigger than 2 MiB.
-    """
-    if environ.get(HUGE_PAGE_OPT_OUT, "1") == "0":
-        return None
-    current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" in current:
-        return None  # the user's own choice, or this process is the restarted one
-    version = _glibc_version() if libc_version is None else libc_version
-    if not version.startswith("glibc ") or _version_tuple(version[6:]) < (2, 35):
-        return None
+def huge_pages_wanted(environ: dict[str, str] | os._Environ[str], thp: Path = THP) -> bool:
+    """Whether `collapse_into_huge_pages` should run: Linux with transparent huge pages in "madvise"
+    mode ("always" gives them already; "never" is the user's choice) of 2 MiB, not opted out
+    (EDGE_QWEN_HUGE_PAGES=0)."""
+    if environ.get(HUGE_PAGE_OPT_OUT, "1") == "0" or _libc is None:
+        return False
     try:
         mode = (thp / "enabled").read_text()
         pmd_size = int((thp / "hpage_pmd_size").read_text())
     except (OSError, ValueError):
-        return None
-    if "[madvise]" not in mode or pmd_size > LARGEST_HUGE_PAGE:
-        return None
-    return f"{current}:{HUGE_PAGE_TUNABLE}" if current else HUGE_PAGE_TUNABLE
+        return False
+    return "[madvise]" in mode and pmd_size == HUGE_PAGE
+
+
+def collapse_in_background() -> threading.Thread:
+    """`collapse_into_huge_pages` in a daemon thread of the lowest priority, started: the model runs
+    meanwhile, and a request made at once takes the CPU before it (join() to wait for it)."""
+
+    def collapse() -> None:
+        with contextlib.suppress(AttributeError, OSError):  # Linux sets a thread's nice value alone
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        collapse_into_huge_pages()
+
+    thread = threading.Thread(target=collapse, name="edge-qwen-huge-pages", daemon=True)
+    thread.start()
+    return thread
+
+
+def collapse_into_huge_pages(smaps: Path = SMAPS) -> int:
+    """Copy every fully resident, aligned 2 MiB of this process's anonymous memory into a huge page.
+
+    Only ranges whose 512 pages are all resident (mincore) are asked, so nothing becomes resident
+    that was not; memory marked MADV_NOHUGEPAGE (the KV cache) is refused by the kernel. The kernel
+    copies under its own locks: safe while other threads read or write the memory. Returns the bytes
+    collapsed (0 where the kernel has no MADV_COLLAPSE).
+    """
+    if _libc is None or not smaps.is_file():
+        return 0
+    done = 0
+    for start, end in anonymous_writable(smaps.read_text()):
+        for chunk in _fully_resident_chunks(start, end):
+            # Refused (EINVAL) by kernels before 6.1 and for MADV_NOHUGEPAGE memory: left as it is.
+            if _libc.madvise(ctypes.c_void_p(chunk), ctypes.c_size_t(HUGE_PAGE), MADV_COLLAPSE) == 0:
+                done += HUGE_PAGE
+    return done
+
+
+def anonymous_writable(smaps_text: str) -> list[tuple[int, int]]:
+    """(start, end) of the private writable mappings without a file (the heap's included)."""
+    found = []
+    for line in smaps_text.splitlines():
+        fields = line.split()
+        if fields and fields[0].count("-") == 1 and not fields[0].endswith(":") and len(fields) >= 5:
+            perms, name = fields[1], " ".join(fields[5:])
+            if perms.startswith("rw") and perms.endswith("p") and name in ("", "[heap]"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found.append((start, end))
+    return found
+
+
+def _fully_resident_chunks(start: int, end: int) -> list[int]:
+    first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+    if last <= first:
+        return []
+    pages = (last - first) // 4096
+    resident = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(last - first), resident) != 0:
+        return []  # unmapped meanwhile
+    per_page = bytes(resident)
+    return [
+        first + i * HUGE_PAGE
+        for i in range(pages // 512)
+        if all(b & 1 for b in per_page[i * 512 : (i + 1) * 512])
+    ]
 
 
 def without_huge_page_choice(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
-    """`environ` less GLIBC_TUNABLES and EDGE_QWEN_HUGE_PAGES: a child `edge-qwen` started with it makes
-    the choice itself, as on a new user's machine (the bench scripts and tests start it so)."""
+    """`environ` less EDGE_QWEN_HUGE_PAGES (and GLIBC_TUNABLES, where glibc could be asked for huge
+    pages): a child `edge-qwen` started with it makes the choice itself, as on a new user's machine
+    (the bench scripts and tests start it so)."""
     return {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", HUGE_PAGE_OPT_OUT)}
-
-
-def huge_pages_requested(environ: dict[str, str] | os._Environ[str]) -> bool:
-    """Whether this process was started asking glibc for huge pages."""
-    return HUGE_PAGE_TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 def anon_huge_page_bytes(rollup: Path = Path("/proc/self/smaps_rollup")) -> int | None:
@@ -118,13 +169,6 @@ def anon_huge_page_bytes(rollup: Path = Path("/proc/self/smaps_rollup")) -> int 
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(".")[:2])
-    except ValueError:
-        return (0,)
 
 
 def _glibc_version() -> str:
@@ -160,9 +204,10 @@ def _load_libc() -> tuple[Any, Any]:
         libc = ctypes.CDLL(None)
     except (OSError, TypeError):
         return None, None
-    madvise = libc if os.name == "posix" and hasattr(libc, "madvise") else None
+    madvise = libc if os.name == "posix" and hasattr(libc, "madvise") and hasattr(libc, "mincore") else None
     if madvise is not None:
         madvise.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     glibc = libc if _is_glibc() and hasattr(libc, "malloc_trim") else None  # musl, bionic: no trim
     return madvise, glibc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
@@ -20,7 +21,12 @@ from edge_qwen.cache import KVCache, default_cache_len
 from edge_qwen.chat_template import ChatTemplate
 from edge_qwen.errors import ContextFullError, PackageError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
-from edge_qwen.memory import release_free_heap, release_weight_pages
+from edge_qwen.memory import (
+    collapse_in_background,
+    huge_pages_wanted,
+    release_free_heap,
+    release_weight_pages,
+)
 from edge_qwen.package import WEIGHTS, Manifest, read_manifest
 from edge_qwen.providers import cpuinfo_text, int8_fallback_warning, session_options, session_providers
 from edge_qwen.sampling import Sampler
@@ -77,6 +83,8 @@ class Model:
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
         self._weights: MappedWeights | None = getattr(session, "weights", None)
+        # load()'s background move of the weights into huge pages, if it started one: join() waits for it.
+        self.huge_pages: threading.Thread | None = None
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -310,11 +318,15 @@ def load(
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
     if weights is None:
         release_weight_pages(root / WEIGHTS)  # scales ONNX Runtime keeps mapped after packing
+    # The packed weights into 2 MiB pages while the model already runs (memory.py).
+    huge_pages = collapse_in_background() if huge_pages_wanted(os.environ) else None
     recipe = (manifest.raw.get("quantization") or {}).get("recipe") or {}
     warning = int8_fallback_warning(recipe, platform.machine(), cpuinfo_text())
     if warning:
         log.warning("%s", warning)
-    return Model(root, manifest, session, tokenizer)
+    model = Model(root, manifest, session, tokenizer)
+    model.huge_pages = huge_pages
+    return model
 
 
 def _parse_tokenizer(root: Path) -> Tokenizer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import mmap
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,11 @@ import pytest
 import edge_qwen
 from edge_qwen.memory import (
     anon_huge_page_bytes,
+    anonymous_writable,
+    collapse_in_background,
+    collapse_into_huge_pages,
     drop_pages,
-    huge_page_tunables,
-    huge_pages_requested,
+    huge_pages_wanted,
     release_weight_pages,
     unmodified_mappings,
 )
@@ -102,37 +106,87 @@ def _thp(tmp_path: Path, mode: str = "always [madvise] never", pmd: int = 2 << 2
 
 
 @pytest.mark.parametrize(
-    ("environ", "mode", "pmd", "libc", "expected"),
+    ("environ", "mode", "pmd", "expected"),
     [
-        ({}, "always [madvise] never", 2 << 20, "glibc 2.36", "glibc.malloc.hugetlb=1"),
-        (
-            {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
-            "always [madvise] never",
-            2 << 20,
-            "glibc 2.41",
-            "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
-        ),
-        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "always [madvise] never", 2 << 20, "glibc 2.36", None),
-        ({"EDGE_QWEN_HUGE_PAGES": "0"}, "always [madvise] never", 2 << 20, "glibc 2.36", None),
-        ({}, "[always] madvise never", 2 << 20, "glibc 2.36", None),  # the kernel does it already
-        ({}, "always madvise [never]", 2 << 20, "glibc 2.36", None),
-        ({}, "always [madvise] never", 32 << 20, "glibc 2.36", None),  # a 16K-page kernel (Pi 5)
-        ({}, "always [madvise] never", 2 << 20, "glibc 2.34", None),  # no such tunable yet
-        ({}, "always [madvise] never", 2 << 20, "", None),  # musl, bionic
+        ({}, "always [madvise] never", 2 << 20, True),
+        ({"EDGE_QWEN_HUGE_PAGES": "1"}, "always [madvise] never", 2 << 20, True),
+        ({"EDGE_QWEN_HUGE_PAGES": "0"}, "always [madvise] never", 2 << 20, False),
+        ({}, "[always] madvise never", 2 << 20, False),  # the kernel does it already
+        ({}, "always madvise [never]", 2 << 20, False),  # the user's choice
+        ({}, "always [madvise] never", 32 << 20, False),  # a 16K-page kernel (Pi 5)
     ],
 )
-def test_huge_pages_are_asked_only_where_they_change_something(
-    tmp_path: Path, environ: dict[str, str], mode: str, pmd: int, libc: str, expected: str | None
+def test_huge_pages_are_wanted_only_where_they_change_something(
+    tmp_path: Path, environ: dict[str, str], mode: str, pmd: int, expected: bool
 ) -> None:
-    assert huge_page_tunables(environ, _thp(tmp_path, mode, pmd), libc) == expected
-    if expected is not None:
-        assert huge_pages_requested({"GLIBC_TUNABLES": expected})
-        assert huge_page_tunables({"GLIBC_TUNABLES": expected}, _thp(tmp_path, mode, pmd), libc) is None
+    if expected and not sys.platform.startswith("linux"):
+        pytest.skip("madvise and mincore: Linux")
+    assert huge_pages_wanted(environ, _thp(tmp_path, mode, pmd)) is expected
 
 
-def test_no_transparent_huge_pages_in_the_kernel_means_no_request(tmp_path: Path) -> None:
-    assert huge_page_tunables({}, tmp_path / "missing", "glibc 2.36") is None
-    assert not huge_pages_requested({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+def test_no_transparent_huge_pages_in_the_kernel_means_none_wanted(tmp_path: Path) -> None:
+    assert not huge_pages_wanted({}, tmp_path / "missing")
+
+
+def test_anonymous_writable_mappings_are_read_from_smaps() -> None:
+    smaps = (
+        "7f0000000000-7f0000400000 rw-p 00000000 00:00 0\nAnonymous: 4096 kB\n"
+        "7f0000400000-7f0000800000 r--p 00000000 08:01 42    /pkg/model.onnx.data\nRss: 0 kB\n"
+        "7f0000800000-7f0000a00000 rw-s 00000000 00:01 7    /dev/zero (deleted)\nRss: 0 kB\n"
+        "560000000000-560000200000 rw-p 00000000 00:00 0    [heap]\nAnonymous: 2048 kB\n"
+        "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0    [stack]\nAnonymous: 8 kB\n"
+    )
+    assert anonymous_writable(smaps) == [(0x7F0000000000, 0x7F0000400000), (0x560000000000, 0x560000200000)]
+
+
+def _anonymous(size: int) -> tuple[mmap.mmap, int]:
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return region, np.frombuffer(region, np.uint8).ctypes.data
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file(), reason="no THP")
+def test_fully_resident_memory_is_collapsed_into_huge_pages_and_keeps_its_data() -> None:
+    region, address = _anonymous(8 << 20)  # holds at least three aligned 2 MiB ranges
+    data = np.frombuffer(region, np.uint8)
+    data[:] = np.arange(data.size, dtype=np.uint64).astype(np.uint8)  # every page resident, written
+    expected = data.copy()
+    if _kernel() < (6, 1):
+        pytest.skip("MADV_COLLAPSE arrived in Linux 6.1")
+    assert collapse_into_huge_pages() >= 2 << 20
+    assert _kb(address, "AnonHugePages:") >= 2048
+    np.testing.assert_array_equal(data, expected)
+    del data
+    region.close()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file(), reason="no THP")
+def test_memory_not_wholly_resident_is_left_as_it_is() -> None:
+    region, address = _anonymous(8 << 20)
+    data = np.frombuffer(region, np.uint8)
+    data[::8192] = 1  # every other page: no 2 MiB range is whole
+    rss = _kb(address, "Rss:")
+    collapse_into_huge_pages()
+    assert _kb(address, "AnonHugePages:") == 0
+    assert _kb(address, "Rss:") == rss  # nothing made resident that was not
+    del data
+    region.close()
+
+
+def _kernel() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _kb(address: int, field: str) -> int:
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0].count("-") == 1 and not fields[0].endswith(":"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields and fields[0] == field:
+            return int(fields[1])
+    raise AssertionError(f"no mapping at {address:#x}")
 
 
 def test_anonymous_huge_page_bytes_are_read_from_smaps_rollup(tmp_path: Path) -> None:
@@ -167,3 +221,18 @@ def _vm_flags(address: int) -> list[str] | None:
         elif inside and fields and fields[0] == "VmFlags:":
             return fields[1:]
     return None
+
+
+def test_the_background_move_runs_in_a_thread_that_can_be_waited_for() -> None:
+    thread = collapse_in_background()
+    assert thread.daemon and thread.name == "edge-qwen-huge-pages"
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+
+
+def test_load_starts_the_move_only_where_huge_pages_are_wanted(
+    tiny_fp32: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert (edge_qwen.load(tiny_fp32).huge_pages is not None) == huge_pages_wanted(os.environ)
+    monkeypatch.setenv("EDGE_QWEN_HUGE_PAGES", "0")
+    assert edge_qwen.load(tiny_fp32).huge_pages is None
