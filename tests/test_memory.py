@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
@@ -139,15 +140,22 @@ def test_anonymous_writable_mappings_are_read_from_smaps() -> None:
     assert anonymous_writable(smaps) == [(0x7F0000000000, 0x7F0000400000), (0x560000000000, 0x560000200000)]
 
 
-def _anonymous(size: int) -> tuple[mmap.mmap, int]:
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return region, np.frombuffer(region, np.uint8).ctypes.data
+def _anonymous(size: int) -> tuple[mmap.mmap, np.ndarray]:
+    """`size` bytes of anonymous memory in a mapping of their own: a page on either side is made
+    inaccessible, so the kernel cannot merge it with a neighbour whose huge pages smaps would count."""
+    region = mmap.mmap(-1, size + 2 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(region, np.uint8)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for guard in (whole.ctypes.data, whole.ctypes.data + 4096 + size):
+        assert libc.mprotect(guard, 4096, 0) == 0, ctypes.get_errno()  # PROT_NONE
+    return region, whole[4096 : 4096 + size]
 
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file(), reason="no THP")
 def test_fully_resident_memory_is_collapsed_into_huge_pages_and_keeps_its_data() -> None:
-    region, address = _anonymous(8 << 20)  # holds at least three aligned 2 MiB ranges
-    data = np.frombuffer(region, np.uint8)
+    region, data = _anonymous(8 << 20)  # holds at least three aligned 2 MiB ranges
+    address = data.ctypes.data
     data[:] = np.arange(data.size, dtype=np.uint64).astype(np.uint8)  # every page resident, written
     expected = data.copy()
     if _kernel() < (6, 1):
@@ -161,8 +169,8 @@ def test_fully_resident_memory_is_collapsed_into_huge_pages_and_keeps_its_data()
 
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file(), reason="no THP")
 def test_memory_not_wholly_resident_is_left_as_it_is() -> None:
-    region, address = _anonymous(8 << 20)
-    data = np.frombuffer(region, np.uint8)
+    region, data = _anonymous(8 << 20)
+    address = data.ctypes.data
     data[::8192] = 1  # every other page: no 2 MiB range is whole
     rss = _kb(address, "Rss:")
     collapse_into_huge_pages()
