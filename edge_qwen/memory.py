@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -75,6 +76,7 @@ THP = Path("/sys/kernel/mm/transparent_hugepage")
 HUGE_PAGE = 2 << 20  # a 16K- or 64K-page kernel's huge pages (32 MB, 512 MB) would bloat memory
 MADV_COLLAPSE = 25  # Linux 6.1+
 SMAPS = Path("/proc/self/smaps")
+_LOW_BIT = bytes(b & 1 for b in range(256))
 
 
 def huge_pages_wanted(environ: dict[str, str] | os._Environ[str], thp: Path = THP) -> bool:
@@ -141,15 +143,15 @@ def _fully_resident_chunks(start: int, end: int) -> list[int]:
     first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     if last <= first:
         return []
-    pages = (last - first) // 4096
-    resident = (ctypes.c_ubyte * pages)()
+    per_chunk = HUGE_PAGE // mmap.PAGESIZE
+    resident = (ctypes.c_ubyte * ((last - first) // mmap.PAGESIZE))()
     if _libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(last - first), resident) != 0:
         return []  # unmapped meanwhile
-    per_page = bytes(resident)
+    per_page = bytes(resident).translate(_LOW_BIT)  # mincore's bit 0: resident; the others reserved
     return [
         first + i * HUGE_PAGE
-        for i in range(pages // 512)
-        if all(b & 1 for b in per_page[i * 512 : (i + 1) * 512])
+        for i in range((last - first) // HUGE_PAGE)
+        if 0 not in per_page[i * per_chunk : (i + 1) * per_chunk]
     ]
 
 
