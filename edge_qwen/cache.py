@@ -116,10 +116,10 @@ def small_page_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     """A zeroed array in its own anonymous mapping, kept out of transparent huge pages where asked.
 
     A KV cache is sized for the longest context but written one position at a time. In 4 KiB pages
-    it costs what it holds; in 2 MiB huge pages, which numpy asks for on arrays of 4 MB or more and
-    glibc on every large allocation when huge pages are asked for the weights (memory.py),
-    the first position of each layer's buffer would make 2 MiB resident: ~100 MB for the 0.5B's
-    48 buffers before a token is cached.
+    it costs what it holds; in 2 MiB huge pages, which numpy asks for on arrays of 4 MB or more, the
+    first position of each layer's buffer would make 2 MiB resident: ~100 MB for the 0.5B's 48
+    buffers before a token is cached. MADV_NOHUGEPAGE also keeps load()'s move of the weights into
+    huge pages (memory.py) away from it.
     """
     count = int(np.prod(shape))
     # Anonymous: zero-filled, its pages made on first write.

@@ -130,13 +130,20 @@ def anonymous_writable(smaps_text: str) -> list[tuple[int, int]]:
     """(start, end) of the private writable mappings without a file (the heap's included)."""
     found = []
     for line in smaps_text.splitlines():
-        fields = line.split()
-        if fields and fields[0].count("-") == 1 and not fields[0].endswith(":") and len(fields) >= 5:
-            perms, name = fields[1], " ".join(fields[5:])
+        mapping = mapping_header(line.split())
+        if mapping is not None:
+            start, end, perms, name = mapping
             if perms.startswith("rw") and perms.endswith("p") and name in ("", "[heap]"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
                 found.append((start, end))
     return found
+
+
+def mapping_header(fields: list[str]) -> tuple[int, int, str, str] | None:
+    """(start, end, permissions, path) of an smaps or maps line that opens a mapping, else None."""
+    if len(fields) < 5 or fields[0].count("-") != 1 or fields[0].endswith(":"):
+        return None
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    return start, end, fields[1], " ".join(fields[5:])
 
 
 def _fully_resident_chunks(start: int, end: int) -> list[int]:
@@ -186,14 +193,10 @@ def unmodified_mappings(smaps_text: str, path: str) -> list[tuple[int, int]]:
     current: tuple[int, int] | None = None
     for line in smaps_text.splitlines():
         fields = line.split()
-        if not fields:
-            continue
-        if fields[0].count("-") == 1 and not fields[0].endswith(":"):  # a mapping's header line
-            current = None
-            if len(fields) >= 6 and " ".join(fields[5:]) == path:
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                current = (start, end)
-        elif current is not None and fields[0] == "Anonymous:":
+        mapping = mapping_header(fields)
+        if mapping is not None:
+            current = mapping[:2] if mapping[3] == path else None
+        elif current is not None and fields and fields[0] == "Anonymous:":
             if fields[1] == "0":
                 found.append(current)
             current = None

@@ -297,10 +297,9 @@ def load(
     root = Path(path)
     manifest = read_manifest(root)
     # ONNX Runtime builds the session in a thread of its own (it lets go of the GIL) while this one
-    # parses the tokenizer (which holds it): the two overlap on two cores. Most of the session's time
-    # is the kernel handing out and zeroing pages for the packed weights, slowest for fresh huge pages
-    # (memory.py). Measured on the default 0.5B (edge-qwen bench, first load of fresh processes, huge
-    # pages): 0.68-1.47 s against 1.58-1.72 s one after the other.
+    # parses the tokenizer (which holds it): the two overlap on two cores. Measured on the default 0.5B
+    # in session 5 (edge-qwen bench, first load of fresh processes, weights then in fresh huge pages):
+    # 0.68-1.47 s against 1.58-1.72 s one after the other.
     on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
     # On the CPU the weights file is ours to map (weights.py), so what is packed is dropped as it goes.
     # Other providers compile their nodes from the file themselves: it is left to ONNX Runtime.

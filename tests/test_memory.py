@@ -19,19 +19,27 @@ from edge_qwen.memory import (
     collapse_into_huge_pages,
     drop_pages,
     huge_pages_wanted,
+    mapping_header,
     release_weight_pages,
     unmodified_mappings,
 )
 from tests.conftest import mapped_kb
 
+DATA = bytes(range(256)) * 4096  # 1 MiB
 
-@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
-def test_dropped_pages_of_a_read_only_mapping_come_back_unchanged(tmp_path: Path) -> None:
-    data = bytes(range(256)) * 4096  # 1 MiB
+
+def _mapped_file(tmp_path: Path, data: bytes, prot: int) -> tuple[Path, mmap.mmap]:
+    """`data` written to tmp_path/model.onnx.data and mapped privately with `prot`."""
     path = tmp_path / "model.onnx.data"
     path.write_bytes(data)
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        return path, mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=prot)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
+def test_dropped_pages_of_a_read_only_mapping_come_back_unchanged(tmp_path: Path) -> None:
+    data = DATA
+    path, mapped = _mapped_file(tmp_path, data, mmap.PROT_READ)
     try:
         view = np.frombuffer(mapped, np.uint8)
         assert view.tobytes() == data  # every page read: resident
@@ -67,11 +75,8 @@ def test_only_unwritten_mappings_of_the_file_are_picked() -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
 def test_read_pages_are_dropped_and_come_back_unchanged(tmp_path: Path) -> None:
-    data = bytes(range(256)) * 4096  # 1 MiB
-    path = tmp_path / "model.onnx.data"
-    path.write_bytes(data)
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    data = DATA
+    path, mapped = _mapped_file(tmp_path, data, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         assert mapped[:] == data  # every page read: resident
         assert mapped_kb(path, "Rss:") >= 1024
@@ -84,10 +89,7 @@ def test_read_pages_are_dropped_and_come_back_unchanged(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="needs Linux /proc/self/smaps")
 def test_a_written_mapping_is_left_alone(tmp_path: Path) -> None:
-    path = tmp_path / "model.onnx.data"
-    path.write_bytes(b"\0" * 65536)
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    path, mapped = _mapped_file(tmp_path, b"\0" * 65536, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         mapped[0:4] = b"kept"  # a private copy of that page: dropping it would lose the write
         assert release_weight_pages(path) == 0
@@ -186,15 +188,23 @@ def _kernel() -> tuple[int, int]:
 
 
 def _kb(address: int, field: str) -> int:
+    values = _smaps_field(address, field)
+    if values is None:
+        raise AssertionError(f"no {field} for a mapping at {address:#x}")
+    return int(values[0])
+
+
+def _smaps_field(address: int, field: str) -> list[str] | None:
+    """The values of `field` ("Rss:", "VmFlags:") for this process's mapping holding `address`."""
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         fields = line.split()
-        if fields and fields[0].count("-") == 1 and not fields[0].endswith(":"):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            inside = start <= address < end
+        mapping = mapping_header(fields)
+        if mapping is not None:
+            inside = mapping[0] <= address < mapping[1]
         elif inside and fields and fields[0] == field:
-            return int(fields[1])
-    raise AssertionError(f"no mapping at {address:#x}")
+            return fields[1:]
+    return None
 
 
 def test_anonymous_huge_page_bytes_are_read_from_smaps_rollup(tmp_path: Path) -> None:
@@ -211,24 +221,12 @@ def test_kv_cache_buffers_stay_in_small_pages(tiny_fp32: Path) -> None:
     cache = model.new_cache(64)
     keys, values = cache.layers[0]
     assert keys.flags.writeable and not keys.any() and not values.any()
-    flags = _vm_flags(keys.ctypes.data)
+    flags = _smaps_field(keys.ctypes.data, "VmFlags:")
     if flags is None or not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file():
         pytest.skip("this kernel reports no VmFlags or has no transparent huge pages")
     assert "nh" in flags  # VM_NOHUGEPAGE: madvise(MADV_NOHUGEPAGE) took
     model.forward([1, 2, 3], cache)
     assert keys[0, :, :3].any() and not keys[0, :, 3:].any()  # written in place by the graph
-
-
-def _vm_flags(address: int) -> list[str] | None:
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0].count("-") == 1 and not fields[0].endswith(":"):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            inside = start <= address < end
-        elif inside and fields and fields[0] == "VmFlags:":
-            return fields[1:]
-    return None
 
 
 def test_the_background_move_runs_in_a_thread_that_can_be_waited_for() -> None:
