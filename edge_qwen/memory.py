@@ -151,15 +151,29 @@ def _fully_resident_chunks(start: int, end: int) -> list[int]:
     if last <= first:
         return []
     per_chunk = HUGE_PAGE // mmap.PAGESIZE
-    resident = (ctypes.c_ubyte * ((last - first) // mmap.PAGESIZE))()
-    if _libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(last - first), resident) != 0:
+    per_page = _resident_pages(first, last - first)
+    if per_page is None:
         return []  # unmapped meanwhile
-    per_page = bytes(resident).translate(_LOW_BIT)  # mincore's bit 0: resident; the others reserved
     return [
         first + i * HUGE_PAGE
         for i in range((last - first) // HUGE_PAGE)
         if 0 not in per_page[i * per_chunk : (i + 1) * per_chunk]
     ]
+
+
+def resident_fraction(address: int, size: int) -> float:
+    """The share of the pages of `size` bytes at `address` (page-aligned) that are in memory: for a
+    file mapping, in the page cache, whether this process maps them or not. 0 where unknown."""
+    per_page = _resident_pages(address, size) if _libc is not None and size > 0 else None
+    return per_page.count(1) / len(per_page) if per_page else 0.0
+
+
+def _resident_pages(address: int, size: int) -> bytes | None:
+    """mincore's answer, one byte per page, 1 for resident; None if the range is not mapped."""
+    resident = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    if _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), resident) != 0:
+        return None
+    return bytes(resident).translate(_LOW_BIT)  # mincore's bit 0: resident; the others reserved
 
 
 def without_huge_page_choice(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:

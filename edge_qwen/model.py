@@ -315,7 +315,9 @@ def load(
             fix = "re-export the model" if on_cpu else other
             raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
     release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
-    if weights is None:
+    if weights is not None:
+        weights.sparse_rows()  # the embedding table, read a row per token from now on (weights.py)
+    else:
         release_weight_pages(root / WEIGHTS)  # scales ONNX Runtime keeps mapped after packing
     # The packed weights into 2 MiB pages while the model already runs (memory.py).
     huge_pages = collapse_in_background() if huge_pages_wanted(os.environ) else None

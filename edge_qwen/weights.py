@@ -13,15 +13,25 @@ read, so the kernel forgets them and brings them back from the file (usually sti
 should anything read them again. `drop_pages` does so; `MappedWeights.dropping` does it every few
 milliseconds while the session is built, so the weights being packed never pile up.
 
-After loading, decoding still reads a few tensors of the file: the norms, the rotary caches' rows
-and, above all, the embedding table, a row per token. Each read maps more than its page: the kernel
-maps the neighbouring pages already in the page cache too ("fault-around", 64 KB), so random token
-ids would make the table resident ~70 KB at a time (500 random pages of the file: +35.6 MB resident;
-`edge-qwen bench`'s random prompt: +25 MB by the end of its warm-up). `ran` drops the mapping's pages
-after each prompt chunk and every DROP_EVERY decoded tokens, which bounds that to what one chunk
-reads (64 random ids: ~15 MB, during that run only); the norms and cache rows come back from the
-page cache at the next run (a minor fault each). Dropping while a prompt runs, too, took 3% off
-prefill (281.8 vs 290.5 tok/s, 8 interleaved 128-token prompts) for ~6 MB less peak: not done.
+After loading, each run still reads some tensors as stored. A read maps more than its page: the
+kernel maps the neighbouring pages already in the page cache too ("fault-around", 64 KB), and, since
+Linux 6.18, a whole large folio, which a file just written, copied or read ahead is cached in (up to
+2 MiB). So a norm's 3.5 KB mapped up to 2 MiB of the weights around it, and one decode step of the
+0.5B made ~72 MB of the file resident (docs/memory.md). Two kinds of tensors are read so:
+
+- those read whole at every run (EACH_RUN: the norms' weights, biases, the rotary caches; ~1.3 MB for
+  the 0.5B) are copied into memory of their own at load;
+- the row tables (ROWS: the embedding table, its scales and zero points), read a row per token, stay
+  mapped. `sparse_rows`, once the session is built, advises them MADV_RANDOM (a row missing from the
+  page cache is read alone, one page, no readahead) and, when most of a table is cached, flushes and
+  evicts it from the page cache, so that each row comes back from disk once and maps its own page
+  (a 64-token chunk of random ids: 75 MB of the file at once before, ~1 MB after). Only tables nothing
+  else reads are treated so: a tied lm_head packs the whole table at every load, and evicting it would
+  make every load read it from disk again.
+
+`ran` still drops the mapping's pages after each prompt chunk and every DROP_EVERY decoded tokens,
+so rows do not pile up. Dropping while a prompt runs, too, took 3% off prefill (281.8 vs 290.5
+tok/s, 8 interleaved 128-token prompts) for ~6 MB less peak: not done.
 
 The mapping must outlive the session: `WeightsSession` holds it.
 """
@@ -29,6 +39,7 @@ The mapping must outlive the session: `WeightsSession` holds it.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +51,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_qwen.errors import PackageError
-from edge_qwen.memory import drop_pages
+from edge_qwen.memory import HUGE_PAGE, drop_pages, resident_fraction
 
 # ONNX TensorProto.DataType -> numpy; an initializer of another type is left to ONNX Runtime.
 NUMPY_TYPES = {
@@ -59,6 +70,23 @@ NUMPY_TYPES = {
 EXTERNAL = 1  # TensorProto.DataLocation
 DROP_INTERVAL = 0.01  # seconds between drops while the session is built
 DROP_EVERY = 16  # tokens between drops afterwards; a drop takes ~2-20 us, a decode step ~13 ms
+# How the session reads an initializer after loading, where external_tensors can tell from its nodes:
+ROWS = "rows"  # a row per token: a Gather's table (and GatherBlockQuantized's scales and zero points)
+EACH_RUN = "each run"  # whole, at every run, unpacked: norms' weights, biases, the rotary caches
+ROW_READERS = frozenset({"Gather", "GatherBlockQuantized"})
+EACH_RUN_INPUTS = frozenset(  # (op_type, input index) that ONNX Runtime reads at every run as stored
+    {
+        ("SimplifiedLayerNormalization", 1),
+        ("SkipSimplifiedLayerNormalization", 2),
+        ("MatMulNBits", 5),  # the bias; its weights, scales and zero points are packed at load
+        ("GroupQueryAttention", 7),  # cos_cache
+        ("GroupQueryAttention", 8),  # sin_cache
+        ("Add", 0),
+        ("Add", 1),
+    }
+)
+DENSE = 0.25  # share of a row table in the page cache above which sparse_rows evicts it
+COPY_LIMIT = 4 << 20  # EACH_RUN tensors up to this size are copied out of the mapping (see MappedWeights)
 
 
 @dataclass(frozen=True)
@@ -71,6 +99,7 @@ class ExternalTensor:
     location: str
     offset: int
     length: int
+    read: str | None = None  # ROWS or EACH_RUN; None when read otherwise, or in more than one way
 
 
 class MappedWeights:
@@ -87,6 +116,7 @@ class MappedWeights:
         self._address, self.size = data.ctypes.data, data.size
         self.values: dict[str, ort.OrtValue] = {}
         self._tokens = 0  # run since the last drop
+        self._row_tables: list[tuple[int, int]] = []  # (start, end) byte ranges, start page-aligned
         for t in tensors:
             if t.location != path.name or t.data_type not in NUMPY_TYPES:
                 continue  # ONNX Runtime reads it itself
@@ -102,7 +132,11 @@ class MappedWeights:
                     "re-export the package"
                 )
             view = data[t.offset : t.offset + t.length].view(dtype).reshape(t.dims)
-            self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # no copy
+            if t.read == EACH_RUN and t.length <= COPY_LIMIT:
+                view = view.copy()  # read at every run: the module docstring says why it is copied
+            elif t.read == ROWS:
+                self._row_tables.append((t.offset // mmap.PAGESIZE * mmap.PAGESIZE, t.offset + t.length))
+            self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # a view: no copy
 
     def add_to(self, options: ort.SessionOptions) -> None:
         for name, value in self.values.items():
@@ -118,6 +152,31 @@ class MappedWeights:
         if self._tokens >= DROP_EVERY:
             self.drop_pages()
             self._tokens = 0
+
+    def sparse_rows(self) -> int:
+        """Make each row read of the row tables map its own page (the module docstring says why): no
+        readahead on them, and their page cache emptied where it is dense. Returns the bytes evicted
+        (those of pages another process maps, or not yet written back, stay)."""
+        evicted = 0
+        advise = getattr(mmap, "MADV_RANDOM", None)
+        fadvise = getattr(os, "posix_fadvise", None)  # Linux; elsewhere rows map as the system likes
+        for start, end in self._row_tables:
+            if advise is not None:
+                self._map.madvise(advise, start, end - start)
+            if fadvise is None or resident_fraction(self._address + start, end - start) <= DENSE:
+                continue
+            # Whole folios only are evicted: widen to the largest a kernel caches (its neighbours are
+            # packed weights, read again only by the next load), and unmap ours first.
+            start, end = start // HUGE_PAGE * HUGE_PAGE, min(self.size, -(-end // HUGE_PAGE) * HUGE_PAGE)
+            drop_pages(self._address + start, end - start)
+            try:
+                with open(self.path, "rb") as f:
+                    os.fdatasync(f.fileno())  # a just-written file's dirty pages cannot be evicted
+                    fadvise(f.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                continue  # a file system without them: rows map as before
+            evicted += end - start
+        return evicted
 
     @contextmanager
     def dropping(self, interval: float = DROP_INTERVAL) -> Iterator[None]:
@@ -159,13 +218,14 @@ def external_tensors(model_onnx: Path) -> list[ExternalTensor]:
     """The initializers of `model_onnx` stored in external files, read without the onnx package.
 
     Only the fields needed are declared (protobuf skips the others): importing onnx would cost the
-    runtime ~50 ms and ~11 MB at every load.
+    runtime ~50 ms and ~11 MB at every load. `read` says how the session reads each, where known.
     """
     model = _model_class()()
     try:
         model.ParseFromString(model_onnx.read_bytes())
     except Exception as e:  # protobuf's DecodeError
         raise PackageError(f"{model_onnx}: not an ONNX model ({e}): re-export the package") from e
+    reads = _how_read(model.graph.node)
     found = []
     for t in model.graph.initializer:
         if t.data_location != EXTERNAL:
@@ -180,6 +240,7 @@ def external_tensors(model_onnx: Path) -> list[ExternalTensor]:
                     info["location"],
                     int(info.get("offset", 0)),
                     int(info["length"]),
+                    read=reads.get(t.name),
                 )
             )
         except (KeyError, ValueError) as e:
@@ -187,11 +248,28 @@ def external_tensors(model_onnx: Path) -> list[ExternalTensor]:
     return found
 
 
+def _how_read(nodes: Any) -> dict[str, str | None]:
+    """ROWS or EACH_RUN for each node input read only that way; None for the others (weights that
+    are packed at load, a Cast ONNX Runtime folds, inputs read in more than one way)."""
+    ways: dict[str, set[str | None]] = {}
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if node.op_type in ROW_READERS and i != 1:  # input 1: the indices
+                way: str | None = ROWS
+            elif (node.op_type, i) in EACH_RUN_INPUTS:
+                way = EACH_RUN
+            else:
+                way = None
+            ways.setdefault(name, set()).add(way)
+    return {name: next(iter(w)) if len(w) == 1 else None for name, w in ways.items()}
+
+
 _MODEL_CLASS: Any = None
 
 
 def _model_class() -> Any:
-    """A protobuf class for the part of onnx.proto's ModelProto that names the external initializers."""
+    """A protobuf class for the part of onnx.proto's ModelProto that names the external initializers
+    and the nodes that read them."""
     global _MODEL_CLASS
     if _MODEL_CLASS is None:
         from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -211,7 +289,14 @@ def _model_class() -> Any:
                     ("data_location", 14, f.TYPE_INT32, False, ""),
                 ],
             ),
-            ("Graph", [("initializer", 5, f.TYPE_MESSAGE, True, ".edge_qwen_onnx.Tensor")]),
+            ("Node", [("input", 1, f.TYPE_STRING, True, ""), ("op_type", 4, f.TYPE_STRING, False, "")]),
+            (
+                "Graph",
+                [
+                    ("node", 1, f.TYPE_MESSAGE, True, ".edge_qwen_onnx.Node"),
+                    ("initializer", 5, f.TYPE_MESSAGE, True, ".edge_qwen_onnx.Tensor"),
+                ],
+            ),
             ("Model", [("graph", 7, f.TYPE_MESSAGE, False, ".edge_qwen_onnx.Graph")]),
         ):
             m = proto.message_type.add(name=message)

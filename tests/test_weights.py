@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import mmap
+import os
 import time
 import weakref
 from pathlib import Path
@@ -15,8 +17,16 @@ from onnx import numpy_helper
 
 import edge_qwen
 from edge_qwen.errors import PackageError
+from edge_qwen.memory import resident_fraction
 from edge_qwen.model import Model
-from edge_qwen.weights import DROP_EVERY, ExternalTensor, MappedWeights, external_tensors
+from edge_qwen.weights import (
+    DROP_EVERY,
+    EACH_RUN,
+    ROWS,
+    ExternalTensor,
+    MappedWeights,
+    external_tensors,
+)
 from tests.conftest import TinyModel, export_tiny, mapped_kb
 
 needs_smaps = pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps")
@@ -49,6 +59,38 @@ def test_each_view_holds_the_tensor_onnx_loads(tiny_int4: Path) -> None:
     for name, value in weights.values.items():
         view = value.numpy()
         assert view.dtype == stored[name].dtype and np.array_equal(view, stored[name]), name
+
+
+def test_how_the_session_reads_each_initializer_is_told_from_its_nodes(tiny_int4: Path) -> None:
+    graph = onnx.load(str(tiny_int4 / "model.onnx"), load_external_data=False).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    read = {t.name: t.read for t in external_tensors(tiny_int4 / "model.onnx")}
+    assert {name for name, way in read.items() if way == ROWS} == {
+        "model.embed_tokens.weight_q4",
+        "model.embed_tokens.weight_scales",
+        "model.embed_tokens.weight_zero_points",
+    }
+    each_run = {name for name, way in read.items() if way == EACH_RUN}
+    norms = {
+        n for n in read if readers[n] & {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+    }
+    assert norms and norms <= each_run
+    assert {n for n in read if "rotary" in n} <= each_run
+    packed = {n for n in read if readers[n] == {"MatMulNBits"} and not n.endswith(".bias")}
+    assert packed and all(read[n] is None for n in packed)  # packed at load: left as they are
+
+
+def test_tensors_read_at_every_run_are_copied_out_of_the_mapping(tiny_int4: Path) -> None:
+    """Their pages would otherwise map whole large folios of the weights around them at every run."""
+    tensors = external_tensors(tiny_int4 / "model.onnx")
+    weights = MappedWeights(tiny_int4 / "model.onnx.data", tensors)
+    start, end = weights._address, weights._address + weights.size
+    for t in tensors:
+        inside = start <= weights.values[t.name].data_ptr() < end
+        assert inside == (t.read != EACH_RUN), t.name
 
 
 def test_a_tensor_past_the_end_of_the_file_is_a_package_error(tmp_path: Path) -> None:
@@ -87,7 +129,7 @@ def test_loading_maps_the_file_once_and_leaves_none_of_it_resident(tiny_int4: Pa
     cache = model.new_cache(32)
     model.forward(list(range(1, DROP_EVERY + 1)), cache)  # a prompt's pages are dropped after it
     assert mapped_kb(data, "Rss:") == 0
-    model.forward([4], cache)  # one token's are left for a while: an embedding row, the norms
+    model.forward([4], cache)  # one token's are left for a while: its embedding row
     assert mapped_kb(data, "Rss:") > 0
 
 
@@ -151,3 +193,70 @@ def test_with_another_provider_onnx_runtime_maps_the_file_and_its_pages_are_drop
     data = tiny_int4 / "model.onnx.data"
     assert mapped_kb(data, "Size:") > 0 and mapped_kb(data, "Rss:") == 0  # ORT's mappings, released
     assert np.isfinite(model.forward([1, 2, 3], model.new_cache(8))).all()
+
+
+def _written_and_cached(path: Path, size: int) -> None:
+    path.write_bytes(os.urandom(size))
+    assert path.read_bytes()  # in the page cache, as after an export or a copy
+
+
+def _table(path: Path, offset: int, length: int) -> ExternalTensor:
+    return ExternalTensor("table", 2, (length,), path.name, offset, length, read=ROWS)
+
+
+@needs_smaps
+def test_a_densely_cached_row_table_is_evicted_and_read_without_readahead(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx.data"
+    _written_and_cached(path, 8 << 20)
+    probe = MappedWeights(path, [])
+    if resident_fraction(probe._address, probe.size) < 0.9:
+        pytest.skip("this file system does not keep what was just read in the page cache")
+    weights = MappedWeights(path, [_table(path, 4 << 20, 4 << 20)])
+    table = weights._address + (4 << 20)
+    assert resident_fraction(table, 4 << 20) == 1.0
+    assert weights.sparse_rows() >= 4 << 20
+    if resident_fraction(table, 4 << 20) > 0.1:
+        pytest.skip("this file system keeps its pages cached (tmpfs?)")
+    assert weights.values["table"].numpy()[123_456] == path.read_bytes()[(4 << 20) + 123_456]
+    assert mapped_kb(path, "Rss:") <= 16  # the row read, not the 64 KB or 2 MiB around it
+    flags = [line for line in Path("/proc/self/smaps").read_text().splitlines() if line.startswith("VmFlags")]
+    assert any(" rr" in line for line in flags)  # MADV_RANDOM: no readahead
+
+
+def test_a_sparsely_cached_row_table_keeps_its_cached_rows(tmp_path: Path) -> None:
+    """Rows read one page at a time by earlier runs are left where they are, for the next run."""
+    path = tmp_path / "model.onnx.data"
+    _written_and_cached(path, 4 << 20)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        f.seek(1 << 20)
+        f.read(mmap.PAGESIZE)
+    weights = MappedWeights(path, [_table(path, 0, 4 << 20)])
+    if resident_fraction(weights._address, 4 << 20) > 0.25:
+        pytest.skip("this file system keeps its pages cached (tmpfs?)")
+    assert weights.sparse_rows() == 0
+    assert resident_fraction(weights._address + (1 << 20), mmap.PAGESIZE) == 1.0
+
+
+@needs_smaps
+@pytest.mark.slow
+def test_a_prompt_of_the_real_model_maps_one_page_a_row() -> None:
+    """The real 0.5B's embedding table, cached as after an export (large folios, read ahead): a
+    64-token chunk of random ids made tens of MB of the file resident before sparse_rows."""
+    from tests import real_model
+
+    package = real_model.exported("q05-fp32", "--precision", "fp32")
+    data = package / "model.onnx.data"
+    (table,) = [t for t in external_tensors(package / "model.onnx") if t.read == ROWS]
+    with open(data, "rb") as f:  # what `cp` or the exporter leaves in the page cache
+        f.seek(table.offset)
+        while f.tell() < table.offset + table.length and f.read(8 << 20):
+            pass
+    model = edge_qwen.load(package)
+    weights = model.session.weights  # type: ignore[attr-defined]
+    assert resident_fraction(weights._address + table.offset, table.length) < 0.05
+    weights.ran = lambda tokens: None  # keep what the prompt maps
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 64)
+    model.forward(ids, model.new_cache(64))
+    assert mapped_kb(data, "Rss:") < 2048  # 64 rows of 3.5 KB; 64 KB to 2 MiB a row before
