@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
-
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edge_qwen.errors import EdgeQwenError
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# jinja2 is imported when a template is first compiled, not with this module: a process that only
+# runs token ids (edge-qwen bench, a raw completion) does not pay its ~6.5 MB (docs/memory.md).
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -51,6 +53,9 @@ def _strftime_now(format: str) -> str:
 
 def _sandbox() -> ImmutableSandboxedEnvironment:
     """A jinja2 environment with the filters and globals chat templates expect."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
@@ -68,6 +73,8 @@ class ChatTemplate:
             raise ValueError(f"chat template must be a non-empty string, got {template!r:.80}")
         self.bos_token = bos_token
         self.eos_token = eos_token
+        import jinja2
+
         try:
             self._template = _sandbox().from_string(template)
         except jinja2.TemplateSyntaxError as exc:
@@ -93,6 +100,8 @@ class ChatTemplate:
             context["bos_token"] = self.bos_token
         if self.eos_token is not None:
             context["eos_token"] = self.eos_token
+        import jinja2
+
         try:
             return self._template.render(context)
         except jinja2.TemplateError as exc:  # SecurityError, UndefinedError, ...

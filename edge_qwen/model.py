@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -70,21 +71,21 @@ class Model:
         self.providers: list[str] = list(session.get_providers())
         self.tokenizer = tokenizer or Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer_config: dict[str, Any] = _read_json(path / "tokenizer_config.json")
-        template = self.tokenizer_config.get("chat_template")
-        self.chat_template = (
-            ChatTemplate(
-                template,
-                _token(self.tokenizer_config, "bos_token"),
-                _token(self.tokenizer_config, "eos_token"),
-            )
-            if template
-            else None
-        )
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
         self._weights: MappedWeights | None = getattr(session, "weights", None)
         # load()'s background move of the weights into huge pages, if it started one: join() waits for it.
         self.huge_pages: threading.Thread | None = None
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """The package's chat template, compiled at first use (with jinja2, imported then); None if
+        it has none. ChatTemplateError if it does not compile."""
+        template = self.tokenizer_config.get("chat_template")
+        if not template:
+            return None
+        config = self.tokenizer_config
+        return ChatTemplate(template, _token(config, "bos_token"), _token(config, "eos_token"))
 
     # -- tokens -----------------------------------------------------------------------------------
 

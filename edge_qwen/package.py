@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -93,8 +92,16 @@ def read_manifest(path: str | Path, verify_hashes: bool = False) -> Manifest:
     return manifest
 
 
+def sha256() -> Any:
+    """A new hashlib.sha256(). hashlib is imported here, not with the module: it loads libcrypto
+    (~3.3 MB resident), which only downloads and hash checks need."""
+    import hashlib
+
+    return hashlib.sha256()
+
+
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)

