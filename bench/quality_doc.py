@@ -35,8 +35,10 @@ Compare rows of the same exporter.
 Row names: `int4-ALGO-bBLOCK[-sym][-head4][-nomix]` is an INT4 body quantized with ALGO at block
 BLOCK, asymmetric unless `-sym`, with an int8 lm_head unless `-head4` (int4), embeddings as the body,
 and qkv/down_proj at int8 in the first and last layers (the count is in the name column, e.g. 4+4)
-unless `-nomix`; `-gu64`: gate_up_proj at block 64. `int8-kquant-b32` is INT8 throughout. The
-default INT4 recipe is `int4-gptq-b32-head4-nomix-gu64` (since session 3; before, `int4-gptq-b32-head4`).
+unless `-nomix`; `-gu64`: gate_up_proj at block 64; `-dn64`: down_proj at 64; `-hd64`, `-hd128`:
+lm_head (and a tied embedding) at 64 or 128. `int8-kquant-b32` is INT8 throughout. The default INT4
+recipe is `int4-gptq-b32-head4-nomix-gu64-hd64` (since session 7; sessions 3-6
+`int4-gptq-b32-head4-nomix-gu64`; before, `int4-gptq-b32-head4`).
 
 Peers: `ort-genai-int4` is onnxruntime-genai's INT4 CPU default (`-p int4 -e cpu`), and
 `ort-genai-int4-kqmixed` its best recipe (`--extra_options algo_config=k_quant_mixed`: k-quant with

@@ -95,7 +95,7 @@ def _write_contents(
     model = graph.to_model("edge_qwen_qwen2")
     save_model(model, root / "model.onnx")
     tok = ckpt.tokenizer
-    (root / "tokenizer.json").write_text(tok.tokenizer_json, encoding="utf-8")
+    (root / "tokenizer.json").write_text(compact_merges(tok.tokenizer_json), encoding="utf-8")
     stop_ids = stop_token_ids(tok.tokenizer_json, tok.tokenizer_config, tok.generation_config)
     _write_json(root / "tokenizer_config.json", tok.tokenizer_config)
     _write_json(root / "config.json", ckpt.config.to_hf())
@@ -152,6 +152,28 @@ def _gptq_or_imatrix(ckpt: Checkpoint, opts: ExportOptions) -> ExportOptions:
         free / 1e9,
     )
     return replace(opts, algo="imatrix")
+
+
+def compact_merges(tokenizer_json: str) -> str:
+    """tokenizer.json with its BPE merges as "a b" strings rather than ["a", "b"] pairs.
+
+    The tokenizers library reads both alike, but the pairs cost every load: measured on Qwen2.5's
+    151,387 merges, the parse peaks 55 MB higher (113.9 vs 168.9 MB), takes ~0.1 s longer
+    (0.28-0.45 vs 0.40-0.54 s) and leaves 3.2 MB more resident (docs/memory.md). A token holding a
+    space (none in a byte-level vocabulary, where a space is Ġ) could not be written so: then the
+    file is left as it is.
+    """
+    data = json.loads(tokenizer_json)
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    pairs = isinstance(merges, list) and all(
+        isinstance(m, list) and len(m) == 2 and all(isinstance(t, str) and " " not in t for t in m)
+        for m in merges
+    )
+    if model.get("type") != "BPE" or not merges or not pairs:
+        return tokenizer_json
+    model["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(data, ensure_ascii=False)
 
 
 def stop_token_ids(

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from edge_qwen.export.checkpoint import expected_names
 from edge_qwen.export.gguf_reader import read_gguf
 from edge_qwen.export.gguf_tokenizer import tokenizer_from_gguf
+from edge_qwen.export.writer import compact_merges
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 64, 2, 1, 16, 2
 MERGES = ["h e", "l l", "Ġ w", "o r", "he ll", "hell o", "Ġw or", "Ġwor l", "Ġworl d", "1 2"]
@@ -287,7 +288,7 @@ def test_tokenizer_matches_transformers_qwen2_pipeline(tiny, tmp_path):
     transformers = pytest.importorskip("transformers")
     path, _ = tiny
     files = read_gguf(path).tokenizer
-    mine = Tokenizer.from_str(files.tokenizer_json)
+    mine = Tokenizer.from_str(compact_merges(files.tokenizer_json))  # as a package holds it
     folder = tmp_path / "hf-tokenizer"
     folder.mkdir()
     (folder / "vocab.json").write_text(json.dumps(mine.get_vocab(with_added_tokens=False)))
@@ -303,6 +304,25 @@ def test_tokenizer_matches_transformers_qwen2_pipeline(tiny, tmp_path):
         ids = mine.encode(text).ids
         assert ids == reference(text)["input_ids"], text
         assert mine.decode(ids, skip_special_tokens=False) == reference.decode(ids), text
+
+
+def test_packages_write_merges_as_strings_which_encode_alike(tiny):
+    path, _ = tiny
+    pairs = read_gguf(path).tokenizer.tokenizer_json
+    compact = compact_merges(pairs)
+    assert json.loads(pairs)["model"]["merges"][0] == ["h", "e"]
+    assert json.loads(compact)["model"]["merges"] == MERGES
+    before, after = Tokenizer.from_str(pairs), Tokenizer.from_str(compact)
+    for text in ["hello world 12 ÿ", "e\u0301 café\r\n\n\t  x", "<|im_start|>hello<|im_end|>\n"]:
+        assert after.encode(text).ids == before.encode(text).ids, text
+
+
+def test_merges_that_a_space_would_split_are_left_as_pairs(tiny):
+    path, _ = tiny
+    data = json.loads(read_gguf(path).tokenizer.tokenizer_json)
+    data["model"]["merges"].append(["a b", "c"])
+    spaced = json.dumps(data)
+    assert compact_merges(spaced) == spaced
 
 
 def test_unknown_pre_tokenizer_is_refused():
@@ -407,7 +427,7 @@ def reference_tokenizer():
 @pytest.mark.slow
 def test_real_tokenizer_matches_transformers(real):
     reference, applies_nfc = reference_tokenizer()
-    mine = Tokenizer.from_str(real.tokenizer.tokenizer_json)
+    mine = Tokenizer.from_str(compact_merges(real.tokenizer.tokenizer_json))  # as a package holds it
     texts = [VARIED_TEXT, *VARIED_TEXT.split("\n"), " leading space", "a" * 300, "e\u0301 cafe\u0301 \u212b"]
     for text in texts if applies_nfc else [unicodedata.normalize("NFC", t) for t in texts]:
         ids = mine.encode(text).ids
