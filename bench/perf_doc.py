@@ -191,11 +191,13 @@ What differs between engines, and is not hidden: llama-bench times decoding from
 ours and onnxruntime-genai after the prompt (context {prompt_tokens} to \
 {prompt_tokens}+{gen_tokens}). TTFT is prefill plus picking the first token for ours, \
 onnxruntime-genai's `append_tokens` (prefill, first logits) for it, and prompt / prefill rate for \
-llama.cpp. Load time: `edge_qwen.load` (session, tokenizer, template) for ours, `og.Model` + \
-`og.Tokenizer` for onnxruntime-genai; llama-bench does not report one. Peak RSS is each process's \
-high-water mark, VmHWM (ours read by itself before its memory-bandwidth probe, the peers' polled \
-from /proc every 20 ms; not ru_maxrss, which a child inherits from a large parent through vfork), \
-so it includes each runtime's Python or C++ process around the model.
+llama.cpp. Load time: `edge_qwen.load` (session and tokenizer; the chat template compiles at its \
+first use) for ours, `og.Model` + `og.Tokenizer` for onnxruntime-genai; llama-bench does not report \
+one. Peak RSS is each process's high-water mark, VmHWM (ours read by itself before its \
+memory-bandwidth probe, the peers' polled from /proc every 20 ms; not ru_maxrss, which a child \
+inherits from a large parent through vfork), so it includes each runtime's Python or C++ process \
+around the model. Neither bench renders a chat template: a chat process of ours also loads jinja2 \
+(~7 MB, docs/memory.md).
 
 Huge pages: once the session is built, `edge_qwen.load` starts a background thread that has the \
 kernel move ONNX Runtime's packed weights, which every decode step streams, into 2 MiB transparent \

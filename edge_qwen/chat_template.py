@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # jinja2 is imported when a template is first compiled, not with this module: a process that only
-# runs token ids (edge-qwen bench, a raw completion) does not pay its ~6.5 MB (docs/memory.md).
+# runs token ids (edge-qwen bench, a raw completion) does not pay its ~7 MB (docs/memory.md).
 
 ROLES = ("system", "user", "assistant", "tool")
 

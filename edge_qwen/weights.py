@@ -17,7 +17,7 @@ After loading, each run still reads some tensors as stored. A read maps more tha
 kernel maps the neighbouring pages already in the page cache too ("fault-around", 64 KB), and, since
 Linux 6.18, a whole large folio, which a file just written, copied or read ahead is cached in (up to
 2 MiB). So a norm's 3.5 KB mapped up to 2 MiB of the weights around it, and one decode step of the
-0.5B made ~72 MB of the file resident (docs/memory.md). Two kinds of tensors are read so:
+0.5B made ~76 MB of the file resident (docs/memory.md). Two kinds of tensors are read so:
 
 - those read whole at every run (EACH_RUN: the norms' weights, biases, the rotary caches; ~1.3 MB for
   the 0.5B) are copied into memory of their own at load;
@@ -25,7 +25,7 @@ Linux 6.18, a whole large folio, which a file just written, copied or read ahead
   mapped. `sparse_rows`, once the session is built, advises them MADV_RANDOM (a row missing from the
   page cache is read alone, one page, no readahead) and, when most of a table is cached, flushes and
   evicts it from the page cache, so that each row comes back from disk once and maps its own page
-  (a 64-token chunk of random ids: 75 MB of the file at once before, ~1 MB after). Only tables nothing
+  (a 64-token chunk of random ids: 81 MB of the file at once before, ~1 MB after). Only tables nothing
   else reads are treated so: a tied lm_head packs the whole table at every load, and evicting it would
   make every load read it from disk again.
 
@@ -136,7 +136,7 @@ class MappedWeights:
                 view = view.copy()  # read at every run: the module docstring says why it is copied
             elif t.read == ROWS:
                 self._row_tables.append((t.offset // mmap.PAGESIZE * mmap.PAGESIZE, t.offset + t.length))
-            self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # a view: no copy
+            self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(view)  # used as is, not copied
 
     def add_to(self, options: ort.SessionOptions) -> None:
         for name, value in self.values.items():

@@ -158,8 +158,8 @@ def compact_merges(tokenizer_json: str) -> str:
     """tokenizer.json with its BPE merges as "a b" strings rather than ["a", "b"] pairs.
 
     The tokenizers library reads both alike, but the pairs cost every load: measured on Qwen2.5's
-    151,387 merges, the parse peaks 55 MB higher (113.9 vs 168.9 MB), takes ~0.1 s longer
-    (0.28-0.45 vs 0.40-0.54 s) and leaves 3.2 MB more resident (docs/memory.md). A token holding a
+    151,387 merges, the parse peaks 58 MB higher (177.1 vs 119.4 MB), takes ~0.1 s longer
+    (0.40-0.54 vs 0.28-0.45 s) and leaves 3.4 MB more resident (docs/memory.md). A token holding a
     space (none in a byte-level vocabulary, where a space is Ġ) could not be written so: then the
     file is left as it is.
     """
