@@ -42,6 +42,7 @@ from edge_qwen.memory import anon_huge_page_bytes
 from edge_qwen.model import Model, check_context, load
 from edge_qwen.package import read_manifest
 from edge_qwen.providers import cpuinfo_text, physical_cores
+from edge_qwen.weights import ROW_INPUTS
 
 PROMPT_SEED = 0
 PROBE_BYTES = 512 << 20  # far past any cache: the probe reads memory, not L3
@@ -49,12 +50,9 @@ PROBE_TRIALS = 5
 WARMUP_DECODE_STEPS = 2
 # CPU features that decide which int8/int4 kernels ONNX Runtime takes (see docs/performance.md).
 KERNEL_FEATURES = ("asimddp", "i8mm", "sve", "sme2", "avx2", "avx_vnni", "avx512_vnni", "amx_int8")
-# Initializer slots read one row per token (a lookup), not whole: op type -> input indices.
-GATHERED_INPUTS = {
-    "Gather": (0,),
-    "GatherBlockQuantized": (0, 2, 3),  # data, scales, zero points
-    "GroupQueryAttention": (7, 8),  # cos and sin caches, one position per token
-}
+# Initializer slots read one row per token (a lookup), not whole: op type -> input indices. For the
+# traffic count the rotary caches are lookups too (one position per token); weights.py copies them.
+GATHERED_INPUTS = {**ROW_INPUTS, "GroupQueryAttention": (7, 8)}  # cos and sin caches
 # /proc/cpuinfo on ARM names no model, only the core's part number (Arm Ltd, implementer 0x41).
 ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76"}
 

@@ -73,7 +73,10 @@ DROP_EVERY = 16  # tokens between drops afterwards; a drop takes ~2-20 us, a dec
 # How the session reads an initializer after loading, where external_tensors can tell from its nodes:
 ROWS = "rows"  # a row per token: a Gather's table (and GatherBlockQuantized's scales and zero points)
 EACH_RUN = "each run"  # whole, at every run, unpacked: norms' weights, biases, the rotary caches
-ROW_READERS = frozenset({"Gather", "GatherBlockQuantized"})
+ROW_INPUTS = {  # op type -> the inputs it reads one row per index of (not the indices themselves)
+    "Gather": (0,),
+    "GatherBlockQuantized": (0, 2, 3),  # data, scales, zero points
+}
 EACH_RUN_INPUTS = frozenset(  # (op_type, input index) that ONNX Runtime reads at every run as stored
     {
         ("SimplifiedLayerNormalization", 1),
@@ -157,26 +160,29 @@ class MappedWeights:
         """Make each row read of the row tables map its own page (the module docstring says why): no
         readahead on them, and their page cache emptied where it is dense. Returns the bytes evicted
         (those of pages another process maps, or not yet written back, stay)."""
-        evicted = 0
         advise = getattr(mmap, "MADV_RANDOM", None)
         fadvise = getattr(os, "posix_fadvise", None)  # Linux; elsewhere rows map as the system likes
+        dense = []
         for start, end in self._row_tables:
             if advise is not None:
                 self._map.madvise(advise, start, end - start)
-            if fadvise is None or resident_fraction(self._address + start, end - start) <= DENSE:
-                continue
-            # Whole folios only are evicted: widen to the largest a kernel caches (its neighbours are
-            # packed weights, read again only by the next load), and unmap ours first.
-            start, end = start // HUGE_PAGE * HUGE_PAGE, min(self.size, -(-end // HUGE_PAGE) * HUGE_PAGE)
-            drop_pages(self._address + start, end - start)
-            try:
-                with open(self.path, "rb") as f:
-                    os.fdatasync(f.fileno())  # a just-written file's dirty pages cannot be evicted
+            if fadvise is not None and resident_fraction(self._address + start, end - start) > DENSE:
+                # Whole folios only are evicted: widen to the largest a kernel caches (its neighbours
+                # are packed weights, read again only by the next load).
+                dense.append(
+                    (start // HUGE_PAGE * HUGE_PAGE, min(self.size, -(-end // HUGE_PAGE) * HUGE_PAGE))
+                )
+        if not dense or fadvise is None:
+            return 0
+        try:
+            with open(self.path, "rb") as f:
+                os.fdatasync(f.fileno())  # a just-written file's dirty pages cannot be evicted
+                for start, end in dense:
+                    drop_pages(self._address + start, end - start)  # ours first: mapped pages stay
                     fadvise(f.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                continue  # a file system without them: rows map as before
-            evicted += end - start
-        return evicted
+        except OSError:
+            return 0  # a file system without them: rows map as before
+        return sum(end - start for start, end in dense)
 
     @contextmanager
     def dropping(self, interval: float = DROP_INTERVAL) -> Iterator[None]:
@@ -254,7 +260,7 @@ def _how_read(nodes: Any) -> dict[str, str | None]:
     ways: dict[str, set[str | None]] = {}
     for node in nodes:
         for i, name in enumerate(node.input):
-            if node.op_type in ROW_READERS and i != 1:  # input 1: the indices
+            if i in ROW_INPUTS.get(node.op_type, ()):
                 way: str | None = ROWS
             elif (node.op_type, i) in EACH_RUN_INPUTS:
                 way = EACH_RUN
