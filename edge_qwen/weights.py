@@ -6,12 +6,18 @@ copies the scales into the packed buffer but reports them as not packed, so they
 (~54 MB for the 0.5B at block 32, all of them at once by the end of the build). The process's peak
 size is reached there.
 
-Here the file is mapped once, read-only, and every external initializer is given to the session as a
-view of that mapping (`SessionOptions.add_initializer`: ONNX Runtime uses the memory, it does not copy
+Here the file is mapped once, read-only, and the external initializers are given to the session as
+views of that mapping (`SessionOptions.add_initializer`: ONNX Runtime uses the memory, it does not copy
 it). A mapping of our own can be dropped at any moment without losing data: its pages were only ever
 read, so the kernel forgets them and brings them back from the file (usually still in the page cache)
 should anything read them again. `drop_pages` does so; `MappedWeights.dropping` does it every few
-milliseconds while the session is built, so the weights being packed never pile up.
+milliseconds while the session is built, so the scales being packed never pile up.
+
+The quantized weights themselves (PACKED: MatMulNBits' input B, 65% of the default 0.5B's file) are the
+exception: ONNX Runtime maps each, packs it and unmaps it, all in its own thread. Our dropping thread
+runs Python, so it needs the GIL, which the tokenizer's parse holds for ~0.3 s while the session builds
+beside it (model.load): through our mapping, the weights read in that time piled up (peak +44 to +113
+MB in 3 of 4 runs); left to ONNX Runtime, they do not (docs/memory.md, "Load time").
 
 After loading, each run still reads some tensors as stored. A read maps more than its page: the
 kernel maps the neighbouring pages already in the page cache too ("fault-around", 64 KB), and, since
@@ -40,9 +46,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,7 @@ DROP_EVERY = 16  # tokens between drops afterwards; a drop takes ~2-20 us, a dec
 # How the session reads an initializer after loading, where external_tensors can tell from its nodes:
 ROWS = "rows"  # a row per token: a Gather's table (and GatherBlockQuantized's scales and zero points)
 EACH_RUN = "each run"  # whole, at every run, unpacked: norms' weights, biases, the rotary caches
+PACKED = "packed"  # once, at load, into a buffer of ONNX Runtime's, which then lets the stored bytes go
 ROW_INPUTS = {  # op type -> the inputs it reads one row per index of (not the indices themselves)
     "Gather": (0,),
     "GatherBlockQuantized": (0, 2, 3),  # data, scales, zero points
@@ -88,6 +96,7 @@ EACH_RUN_INPUTS = frozenset(  # (op_type, input index) that ONNX Runtime reads a
         ("Add", 1),
     }
 )
+PACKED_INPUTS = frozenset({("MatMulNBits", 1)})  # the quantized weights; not their scales (see above)
 DENSE = 0.25  # share of a row table in the page cache above which sparse_rows evicts it
 COPY_LIMIT = 4 << 20  # EACH_RUN tensors up to this size are copied out of the mapping (see MappedWeights)
 
@@ -121,7 +130,7 @@ class MappedWeights:
         self._tokens = 0  # run since the last drop
         self._row_tables: list[tuple[int, int]] = []  # (start, end) byte ranges, start page-aligned
         for t in tensors:
-            if t.location != path.name or t.data_type not in NUMPY_TYPES:
+            if t.location != path.name or t.data_type not in NUMPY_TYPES or t.read == PACKED:
                 continue  # ONNX Runtime reads it itself
             if t.offset + t.length > self.size:
                 raise PackageError(
@@ -205,7 +214,13 @@ class MappedWeights:
 
 class WeightsSession(ort.InferenceSession):
     """An InferenceSession whose external initializers are views of `weights`, which it keeps alive
-    (ONNX Runtime keeps only raw pointers to them); with None, ONNX Runtime reads the file itself."""
+    (ONNX Runtime keeps only raw pointers to them); with None, ONNX Runtime reads the file itself.
+
+    `native`, if given, is set once the build has reached ONNX Runtime's C++ initialization, which
+    lets go of the GIL (or once the build is over, should that name ever change): another thread can
+    then hold the GIL for long without holding the build up. Before that point the build runs Python
+    (checks, reading model.onnx) and waits for the GIL at every step.
+    """
 
     def __init__(
         self,
@@ -213,11 +228,36 @@ class WeightsSession(ort.InferenceSession):
         options: ort.SessionOptions,
         providers: Sequence[Any],
         weights: MappedWeights | None,
+        native: threading.Event | None = None,
     ) -> None:
-        self.weights = weights
-        if weights is not None:
-            weights.add_to(options)
-        super().__init__(str(model), options, providers=providers)
+        with calling(NATIVE_INIT, native) if native is not None else nullcontext():
+            self.weights = weights
+            if weights is not None:
+                weights.add_to(options)
+            super().__init__(str(model), options, providers=providers)
+
+
+# The C++ method onnxruntime's InferenceSession calls to initialize (graph transforms, packing the
+# weights), without the GIL: onnxruntime_pybind_state.cc.
+NATIVE_INIT = "initialize_session"
+
+
+@contextmanager
+def calling(name: str, reached: threading.Event) -> Iterator[None]:
+    """Set `reached` when this thread, inside the block, calls a C function called `name`, and at the
+    block's end in any case (sys.setprofile's "c_call" events; the thread's profiler is restored)."""
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__name__", None) == name:
+            reached.set()
+
+    before = sys.getprofile()
+    sys.setprofile(watch)
+    try:
+        yield
+    finally:
+        sys.setprofile(before)
+        reached.set()
 
 
 def external_tensors(model_onnx: Path) -> list[ExternalTensor]:
@@ -264,6 +304,8 @@ def _how_read(nodes: Any) -> dict[str, str | None]:
                 way: str | None = ROWS
             elif (node.op_type, i) in EACH_RUN_INPUTS:
                 way = EACH_RUN
+            elif (node.op_type, i) in PACKED_INPUTS:
+                way = PACKED
             else:
                 way = None
             ways.setdefault(name, set()).add(way)

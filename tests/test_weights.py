@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+import math
 import mmap
 import os
+import shutil
+import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -22,9 +26,12 @@ from edge_qwen.model import Model
 from edge_qwen.weights import (
     DROP_EVERY,
     EACH_RUN,
+    NATIVE_INIT,
+    PACKED,
     ROWS,
     ExternalTensor,
     MappedWeights,
+    calling,
     external_tensors,
 )
 from tests.conftest import TinyModel, export_tiny, mapped_kb
@@ -79,8 +86,12 @@ def test_how_the_session_reads_each_initializer_is_told_from_its_nodes(tiny_int4
     }
     assert norms and norms <= each_run
     assert {n for n in read if "rotary" in n} <= each_run
-    packed = {n for n in read if readers[n] == {"MatMulNBits"} and not n.endswith(".bias")}
-    assert packed and all(read[n] is None for n in packed)  # packed at load: left as they are
+    matmuls = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    weights = {node.input[1] for node in matmuls}
+    only_packed = {n for n in weights if len(readers[n]) == 1}  # a tied table is read as rows too
+    assert {name for name, way in read.items() if way == PACKED} == only_packed
+    scales = {name for node in matmuls for name in node.input[2:4] if name}
+    assert scales and all(read[n] is None for n in scales)  # kept by ONNX Runtime on x86: ours to drop
 
 
 def test_tensors_read_at_every_run_are_copied_out_of_the_mapping(tiny_int4: Path) -> None:
@@ -89,6 +100,9 @@ def test_tensors_read_at_every_run_are_copied_out_of_the_mapping(tiny_int4: Path
     weights = MappedWeights(tiny_int4 / "model.onnx.data", tensors)
     start, end = weights._address, weights._address + weights.size
     for t in tensors:
+        if t.read == PACKED:
+            assert t.name not in weights.values  # ONNX Runtime maps, packs and unmaps it itself
+            continue
         inside = start <= weights.values[t.name].data_ptr() < end
         assert inside == (t.read != EACH_RUN), t.name
 
@@ -260,3 +274,55 @@ def test_a_prompt_of_the_real_model_maps_one_page_a_row() -> None:
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 64)
     model.forward(ids, model.new_cache(64))
     assert mapped_kb(data, "Rss:") < 2048  # 64 rows of 3.5 KB; 64 KB to 2 MiB a row before
+
+
+def test_calling_tells_when_the_named_c_function_is_reached() -> None:
+    reached = threading.Event()
+    before = sys.getprofile()
+    with calling("sqrt", reached):
+        len("not it")
+        assert not reached.is_set()
+        math.sqrt(2.0)
+        assert reached.is_set()  # at the call, not at the block's end
+    assert sys.getprofile() is before
+
+
+def test_calling_tells_at_the_end_when_the_function_is_never_reached() -> None:
+    reached = threading.Event()
+    with pytest.raises(RuntimeError), calling("sqrt", reached):
+        raise RuntimeError("the build failed before")
+    assert reached.is_set()  # a loader waiting on it goes on to see the failure
+
+
+def test_onnx_runtime_initializes_a_session_in_the_c_call_load_waits_for(tiny_int4: Path) -> None:
+    names: list[str] = []
+
+    def collect(frame: object, event: str, arg: object) -> None:
+        if event == "c_call":
+            names.append(getattr(arg, "__name__", ""))
+
+    sys.setprofile(collect)
+    try:
+        ort.InferenceSession(str(tiny_int4 / "model.onnx"), providers=["CPUExecutionProvider"])
+    finally:
+        sys.setprofile(None)
+    assert NATIVE_INIT in names  # renamed, load() would parse the tokenizer after the build, not beside
+
+
+def test_a_graph_onnx_runtime_rejects_is_a_clear_error(tiny_int4: Path, tmp_path: Path) -> None:
+    pkg = Path(shutil.copytree(tiny_int4, tmp_path / "pkg"))
+    graph = pkg / "model.onnx"
+    graph.write_bytes(graph.read_bytes().replace(b"GroupQueryAttention", b"GroupQueryAttentioX"))
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            edge_qwen.load(pkg)
+        except PackageError as e:
+            failed.append(e)
+
+    loading = threading.Thread(target=load, daemon=True)
+    loading.start()
+    loading.join(timeout=120)
+    assert not loading.is_alive(), "load() hung on a graph ONNX Runtime could not build"
+    assert failed and "ONNX Runtime could not load model.onnx" in str(failed[0])
