@@ -44,6 +44,7 @@ The mapping must outlive the session: `WeightsSession` holds it.
 
 from __future__ import annotations
 
+import linecache
 import mmap
 import os
 import sys
@@ -216,10 +217,10 @@ class WeightsSession(ort.InferenceSession):
     """An InferenceSession whose external initializers are views of `weights`, which it keeps alive
     (ONNX Runtime keeps only raw pointers to them); with None, ONNX Runtime reads the file itself.
 
-    `native`, if given, is set once the build has reached ONNX Runtime's C++ initialization, which
-    lets go of the GIL (or once the build is over, should that name ever change): another thread can
-    then hold the GIL for long without holding the build up. Before that point the build runs Python
-    (checks, reading model.onnx) and waits for the GIL at every step.
+    `native`, if given, is set once the build is about to enter ONNX Runtime's C++ initialization,
+    which lets go of the GIL (or once the build is over, should that never be seen): another thread
+    can then hold the GIL for long without holding the build up. Before that point the build runs
+    Python (checks, reading model.onnx) and waits for the GIL at every step.
     """
 
     def __init__(
@@ -230,34 +231,45 @@ class WeightsSession(ort.InferenceSession):
         weights: MappedWeights | None,
         native: threading.Event | None = None,
     ) -> None:
-        with calling(NATIVE_INIT, native) if native is not None else nullcontext():
-            self.weights = weights
-            if weights is not None:
-                weights.add_to(options)
-            super().__init__(str(model), options, providers=providers)
+        try:
+            with reaching(NATIVE_INIT, native) if native is not None else nullcontext():
+                self.weights = weights
+                if weights is not None:
+                    weights.add_to(options)
+                super().__init__(str(model), options, providers=providers)
+        finally:
+            if native is not None:
+                native.set()  # built or failed: whoever waits for the build to go native goes on
 
 
-# The C++ method onnxruntime's InferenceSession calls to initialize (graph transforms, packing the
-# weights), without the GIL: onnxruntime_pybind_state.cc.
+# The C++ method onnxruntime's InferenceSession calls from Python to initialize (graph transforms,
+# packing the weights) without the GIL: onnxruntime_pybind_state.cc.
 NATIVE_INIT = "initialize_session"
 
 
 @contextmanager
-def calling(name: str, reached: threading.Event) -> Iterator[None]:
-    """Set `reached` when this thread, inside the block, calls a C function called `name`, and at the
-    block's end in any case (sys.setprofile's "c_call" events; the thread's profiler is restored)."""
+def reaching(name: str, reached: threading.Event) -> Iterator[None]:
+    """Set `reached` when this thread, inside the block, is about to run a line of Python that calls
+    `name`: sys.settrace's line events, in the functions whose code names it, their source read by
+    linecache (so a package installed without its .py files is never seen). The thread's tracer is
+    restored after the block. sys.setprofile's "c_call" would be exact, but Python 3.12.1 reports no
+    call of a bound pybind11 method, where line events work from 3.11 to 3.13 (checked)."""
+    call = name + "("
 
-    def watch(frame: Any, event: str, arg: Any) -> None:
-        if event == "c_call" and getattr(arg, "__name__", None) == name:
+    def in_line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line" and call in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
             reached.set()
+        return None if reached.is_set() else in_line
 
-    before = sys.getprofile()
-    sys.setprofile(watch)
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        return in_line if not reached.is_set() and name in frame.f_code.co_names else None
+
+    before = sys.gettrace()
+    sys.settrace(on_call)
     try:
         yield
     finally:
-        sys.setprofile(before)
-        reached.set()
+        sys.settrace(before)
 
 
 def external_tensors(model_onnx: Path) -> list[ExternalTensor]:

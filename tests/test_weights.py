@@ -31,8 +31,9 @@ from edge_qwen.weights import (
     ROWS,
     ExternalTensor,
     MappedWeights,
-    calling,
+    WeightsSession,
     external_tensors,
+    reaching,
 )
 from tests.conftest import TinyModel, export_tiny, mapped_kb
 
@@ -276,37 +277,41 @@ def test_a_prompt_of_the_real_model_maps_one_page_a_row() -> None:
     assert mapped_kb(data, "Rss:") < 2048  # 64 rows of 3.5 KB; 64 KB to 2 MiB a row before
 
 
-def test_calling_tells_when_the_named_c_function_is_reached() -> None:
+def _root_of_two() -> float:
+    return math.sqrt(2.0)
+
+
+def test_reaching_tells_when_a_line_calling_the_name_is_about_to_run() -> None:
     reached = threading.Event()
-    before = sys.getprofile()
-    with calling("sqrt", reached):
+    before = sys.gettrace()
+    with reaching("sqrt", reached):
         len("not it")
         assert not reached.is_set()
-        math.sqrt(2.0)
-        assert reached.is_set()  # at the call, not at the block's end
-    assert sys.getprofile() is before
+        _root_of_two()
+        assert reached.is_set()  # at the line, not at the block's end
+    assert sys.gettrace() is before
 
 
-def test_calling_tells_at_the_end_when_the_function_is_never_reached() -> None:
+def test_reaching_leaves_the_event_alone_when_the_name_is_never_called() -> None:
     reached = threading.Event()
-    with pytest.raises(RuntimeError), calling("sqrt", reached):
+    with pytest.raises(RuntimeError), reaching("sqrt", reached):
         raise RuntimeError("the build failed before")
-    assert reached.is_set()  # a loader waiting on it goes on to see the failure
+    assert not reached.is_set()
 
 
-def test_onnx_runtime_initializes_a_session_in_the_c_call_load_waits_for(tiny_int4: Path) -> None:
-    names: list[str] = []
-
-    def collect(frame: object, event: str, arg: object) -> None:
-        if event == "c_call":
-            names.append(getattr(arg, "__name__", ""))
-
-    sys.setprofile(collect)
-    try:
+def test_onnx_runtime_initializes_a_session_in_the_call_load_waits_for(tiny_int4: Path) -> None:
+    reached = threading.Event()
+    with reaching(NATIVE_INIT, reached):
         ort.InferenceSession(str(tiny_int4 / "model.onnx"), providers=["CPUExecutionProvider"])
-    finally:
-        sys.setprofile(None)
-    assert NATIVE_INIT in names  # renamed, load() would parse the tokenizer after the build, not beside
+    assert reached.is_set()  # renamed, load() would parse the tokenizer after the build, not beside
+
+
+def test_a_failed_build_still_lets_the_loader_go_on(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    native = threading.Event()
+    with pytest.raises(Exception):  # noqa: B017 - ONNX Runtime's own exception types
+        WeightsSession(tmp_path / "model.onnx", ort.SessionOptions(), ["CPUExecutionProvider"], None, native)
+    assert native.is_set()
 
 
 def test_a_graph_onnx_runtime_rejects_is_a_clear_error(tiny_int4: Path, tmp_path: Path) -> None:
