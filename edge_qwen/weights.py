@@ -112,7 +112,7 @@ class ExternalTensor:
     location: str
     offset: int
     length: int
-    read: str | None = None  # ROWS or EACH_RUN; None when read otherwise, or in more than one way
+    read: str | None = None  # ROWS, EACH_RUN or PACKED; None when read otherwise or more than one way
 
 
 class MappedWeights:
@@ -251,8 +251,8 @@ NATIVE_INIT = "initialize_session"
 def reaching(name: str, reached: threading.Event) -> Iterator[None]:
     """Set `reached` when this thread, inside the block, is about to run a line of Python that calls
     `name`: sys.settrace's line events, in the functions whose code names it, their source read by
-    linecache (so a package installed without its .py files is never seen). The thread's tracer is
-    restored after the block. sys.setprofile's "c_call" would be exact, but Python 3.12.1 reports no
+    linecache (a package installed without its .py files is never seen to call it). The thread's
+    tracer is restored after the block. sys.setprofile's "c_call" would be exact, but Python 3.12.1 reports no
     call of a bound pybind11 method, where line events work from 3.11 to 3.13 (checked)."""
     call = name + "("
 
@@ -307,8 +307,8 @@ def external_tensors(model_onnx: Path) -> list[ExternalTensor]:
 
 
 def _how_read(nodes: Any) -> dict[str, str | None]:
-    """ROWS or EACH_RUN for each node input read only that way; None for the others (weights that
-    are packed at load, a Cast ONNX Runtime folds, inputs read in more than one way)."""
+    """ROWS, EACH_RUN or PACKED for each node input read only that way; None for the others (scales
+    and zero points packed at load, a Cast ONNX Runtime folds, inputs read in more than one way)."""
     ways: dict[str, set[str | None]] = {}
     for node in nodes:
         for i, name in enumerate(node.input):
