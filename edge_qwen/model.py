@@ -300,12 +300,14 @@ def load(
     # ONNX Runtime builds the session in a thread of its own (it lets go of the GIL) while this one
     # parses the tokenizer (which holds the GIL throughout, ~0.3-0.4 s): the two overlap on two cores.
     # The parse starts only once the build is past its Python steps (`native`): started at once, it
-    # took the GIL first and the build waited for the whole parse. Nothing the build needs from Python
-    # meanwhile: ONNX Runtime reads the quantized weights itself (weights.py, PACKED). Fresh processes
+    # took the GIL first and the build waited for the whole parse. Our page-dropping thread waits for
+    # the GIL meanwhile, so the bulk of what the build reads, the quantized weights, is left to ONNX
+    # Runtime, which lets each go once packed (weights.py, PACKED). Fresh processes
     # (`edge-qwen bench --repetitions 1`) loaded in 0.61-0.70 s against 0.90-1.53 s one after the
     # other, at the same peak (docs/memory.md, "Load time").
     on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
-    # On the CPU the weights file is ours to map (weights.py), so what is packed is dropped as it goes.
+    # On the CPU the weights file is ours to map (weights.py), so what the build reads from our mapping
+    # (scales, zero points) is dropped as it goes.
     # Other providers compile their nodes from the file themselves: it is left to ONNX Runtime.
     weights = MappedWeights(root / WEIGHTS, external_tensors(root / "model.onnx")) if on_cpu else None
     dropping = weights.dropping() if weights else nullcontext()
