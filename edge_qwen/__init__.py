@@ -18,7 +18,7 @@ _HOMES = {
     "GenerationConfig": "edge_qwen.generation",
     "StreamPiece": "edge_qwen.generation",
     "Model": "edge_qwen.model",
-    "load": "edge_qwen.model",
+    "load": "edge_qwen.loader",
     "available_providers": "edge_qwen.providers",
     "SamplerConfig": "edge_qwen.sampling",
     "ChatSession": "edge_qwen.session",
@@ -43,7 +43,8 @@ __all__ = [
 if TYPE_CHECKING:
     from edge_qwen.errors import ContextFullError, EdgeQwenError, PackageError
     from edge_qwen.generation import GenerationConfig, StreamPiece
-    from edge_qwen.model import Model, load
+    from edge_qwen.loader import load
+    from edge_qwen.model import Model
     from edge_qwen.providers import available_providers
     from edge_qwen.sampling import SamplerConfig
     from edge_qwen.session import ChatSession, TurnStats

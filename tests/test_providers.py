@@ -136,9 +136,9 @@ def test_load_warns_once_where_int8_weights_would_fall_back(
 ) -> None:
     mixed = export_tiny(tiny.hf_dir, tmp_path / "mixed", precision="int4")  # int8 sensitive tensors
     all_int4 = export_tiny(tiny.hf_dir, tmp_path / "int4", precision="int4", mixed=False, lm_head="int4")
-    monkeypatch.setattr("edge_qwen.model.platform.machine", lambda: "aarch64")  # this x86 has no asimddp
-    with caplog.at_level(logging.WARNING, logger="edge_qwen.model"):
+    monkeypatch.setattr("edge_qwen.loader.platform.machine", lambda: "aarch64")  # this x86 has no asimddp
+    with caplog.at_level(logging.WARNING, logger="edge_qwen.loader"):
         edge_qwen.load(mixed)
         edge_qwen.load(all_int4)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "edge_qwen.model"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edge_qwen.loader"]
     assert len(warnings) == 1 and "--no-mixed" in warnings[0]
