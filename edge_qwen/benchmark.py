@@ -38,9 +38,10 @@ import onnxruntime as ort
 
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.config import QwenConfig
+from edge_qwen.engine import check_context
 from edge_qwen.loader import load
 from edge_qwen.memory import anon_huge_page_bytes
-from edge_qwen.model import Model, check_context
+from edge_qwen.model import Model
 from edge_qwen.package import read_manifest
 from edge_qwen.providers import cpuinfo_text, physical_cores
 from edge_qwen.weights import ROW_INPUTS

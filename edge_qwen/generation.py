@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edge_qwen.cache import KVCache
 from edge_qwen.detokenize import StreamDecoder
+from edge_qwen.engine import Engine
 from edge_qwen.sampling import Sampler, SamplerConfig
-
-if TYPE_CHECKING:
-    from edge_qwen.cache import KVCache
-    from edge_qwen.model import Model
 
 
 @dataclass(frozen=True)
@@ -113,12 +111,12 @@ class StopStrings:
 
 
 def stream_pieces(
-    model: Model, prompt_ids: list[int], cache: KVCache, config: GenerationConfig
+    engine: Engine, prompt_ids: list[int], cache: KVCache, config: GenerationConfig
 ) -> Iterator[StreamPiece]:
     """Generate after `prompt_ids` (reusing what `cache` holds of them), yielding one piece per token."""
-    stop_ids = model.stop_token_ids | frozenset(config.stop_ids)
-    tokens = model.generate_tokens(prompt_ids, config.sampler(), config.max_tokens, cache, stop_ids)
-    decoder = StreamDecoder(model.tokenizer)
+    stop_ids = engine.stop_token_ids | frozenset(config.stop_ids)
+    tokens = engine.generate_tokens(prompt_ids, config.sampler(), config.max_tokens, cache, stop_ids)
+    decoder = StreamDecoder(engine.tokenizer)
     stops = StopStrings(config.stop)
     start = time.perf_counter()
     first_token_at = start

@@ -13,15 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_qwen.cache import KVCache
 from edge_qwen.chat_template import check_messages
+from edge_qwen.engine import Engine
 from edge_qwen.errors import ContextFullError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
-
-if TYPE_CHECKING:
-    from edge_qwen.model import Model
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ class ChatSession:
 
     def __init__(
         self,
-        model: Model,
+        model: Engine,
         system: str | None,
         config: GenerationConfig,
         cache: KVCache,

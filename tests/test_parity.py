@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edge_qwen
-from edge_qwen import model as model_module
+from edge_qwen import engine as engine_module
 from edge_qwen.sampling import make_sampler
 from tests.conftest import TinyModel, export_tiny
 
@@ -80,7 +80,7 @@ def test_cached_decoding_equals_recomputing(tiny_fp32: Path) -> None:
 
 def test_chunked_prefill_equals_one_shot(tiny_fp32: Path, tiny_ref, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     ids = prompt(23)
-    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 5)
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 5)
     m = edge_qwen.load(tiny_fp32)
     np.testing.assert_allclose(
         m.forward(ids, m.new_cache()), hf_logits(tiny_ref, ids)[-1], atol=FP32_ATOL, rtol=0

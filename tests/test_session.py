@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import edge_qwen
-from edge_qwen.model import PREFILL_CHUNK
+from edge_qwen.engine import PREFILL_CHUNK
 from edge_qwen.session import ChatSession
 
 SAMPLED = {"temperature": 1.0, "seed": 5, "max_tokens": 12}  # the tiny models' greedy output is one token
