@@ -1,4 +1,4 @@
-"""The `bench` command: a thin layer over edge_qwen.benchmark, printed llama-bench style or as JSON."""
+"""The `bench` command: a thin layer over edge_qwen.apps.benchmark, printed llama-bench style or as JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:  # the library (numpy, onnxruntime) is imported only when the command runs
-    from edge_qwen.benchmark import BenchResult, Stat
+    from edge_qwen.apps.benchmark import BenchResult, Stat
 
 
 @click.command()
@@ -30,8 +30,8 @@ def bench(
     Timings are the median (and min, max) of --repetitions runs of a --prompt-tokens random prompt
     followed by --gen-tokens greedy steps. Peak RSS is this process's high-water mark.
     """
-    from edge_qwen import catalog
-    from edge_qwen.benchmark import run_benchmark
+    from edge_qwen.apps.benchmark import run_benchmark
+    from edge_qwen.hub import catalog
 
     path = catalog.resolve(model)
     result = run_benchmark(path, prompt_tokens, gen_tokens, repetitions, threads)

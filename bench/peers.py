@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_qwen.benchmark import package_size, vm_hwm_bytes
+from edge_qwen.apps.benchmark import package_size, vm_hwm_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edge_qwen.benchmark import (
+from edge_qwen.apps.benchmark import (
     Stat,
     decode_traffic,
     package_size,
