@@ -1,10 +1,10 @@
-"""The `pull` and `models` commands: thin layers over edge_qwen.catalog."""
+"""The `pull` and `models` commands: thin layers over edge_qwen.hub.catalog."""
 
 from __future__ import annotations
 
 import click
 
-from edge_qwen import catalog
+from edge_qwen.hub import catalog
 
 
 @click.command()

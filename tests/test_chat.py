@@ -20,8 +20,8 @@ import pexpect
 import pytest
 
 import edge_qwen
-from edge_qwen import catalog
 from edge_qwen.apps.chat import save_messages
+from edge_qwen.hub import catalog
 from tests.test_cli import assert_one_line_error
 
 # The chat's documented sampling defaults: Qwen2.5 Instruct's generation_config.

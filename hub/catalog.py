@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_qwen.errors import EdgeQwenError
+from edge_qwen.hub.sources import Source, SourceError, first_line, source_from_dict
 from edge_qwen.package import MANIFEST, exclusive, read_manifest
-from edge_qwen.sources import Source, SourceError, first_line, source_from_dict
 
 if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
     from edge_qwen.export.options import ExportOptions
@@ -111,8 +111,8 @@ class Catalog:
 
 @functools.cache
 def load_catalog() -> Catalog:
-    """The catalog shipped with edge-qwen (edge_qwen/catalog.json)."""
-    text = resources.files("edge_qwen").joinpath("catalog.json").read_text(encoding="utf-8")
+    """The catalog shipped with edge-qwen (hub/catalog.json)."""
+    text = resources.files("edge_qwen.hub").joinpath("catalog.json").read_text(encoding="utf-8")
     return Catalog.from_dict(json.loads(text))
 
 
