@@ -20,7 +20,6 @@ from edge_qwen.chat_template import ChatTemplate
 from edge_qwen.errors import ContextFullError, PackageError
 from edge_qwen.package import Manifest
 from edge_qwen.sampling import Sampler
-from edge_qwen.weights import MappedWeights
 
 # Tokens per prefill run: it bounds the activations ONNX Runtime's arena grows to (and keeps). On the
 # default 0.5B package, 64 rather than 256 left 13 MB less resident after a 128-token prompt at the
@@ -59,7 +58,6 @@ class Engine:
         self.tokenizer_config: dict[str, Any] = _read_json(path / "tokenizer_config.json")
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
-        self._weights: MappedWeights | None = getattr(session, "weights", None)
         # load()'s background move of the weights into huge pages, if it started one: join() waits for it.
         self.huge_pages: threading.Thread | None = None
 
@@ -109,8 +107,6 @@ class Engine:
         logits = np.empty((1, rows, self.config.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)
-        if self._weights is not None:
-            self._weights.ran(chunk.size)  # drops the pages of the file it read, now and then (weights.py)
         cache.append(chunk)
         return logits[0, -1]
 

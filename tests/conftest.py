@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,20 @@ def make_tiny_checkpoint(out: Path, tied: bool, seed: int) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     _tiny_tokenizer(out)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def edge_qwen_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An EDGE_QWEN_HOME of the test run's own: loads write their prepacked copies there, never into
+    the user's cache (a test that needs an empty or a particular home sets its own)."""
+    before = os.environ.get("EDGE_QWEN_HOME")
+    home = tmp_path_factory.mktemp("edge-qwen-home")
+    os.environ["EDGE_QWEN_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("EDGE_QWEN_HOME", None)
+    else:
+        os.environ["EDGE_QWEN_HOME"] = before
 
 
 @pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
