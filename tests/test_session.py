@@ -141,7 +141,13 @@ def test_overflow_error_names_the_numbers_and_leaves_the_session_usable(model: e
     before = chat.messages
     assert before[-1]["role"] == "assistant"  # the message that did not fit was not added
     chat.reset()
-    assert chat.send("hello") is not None
+    assert chat.messages == [{"role": "system", "content": "sys"}] and chat.stats == []
+    fresh = model.chat(system="sys", max_context=96, **SAMPLED)
+    assert chat.send("hello") == fresh.send("hello")
+    after, alone = chat.last_stats, fresh.last_stats
+    assert after is not None and alone is not None
+    assert after.reused_tokens == 0 and after.prefilled_tokens == alone.prompt_tokens  # the cache was emptied
+    assert after.generated_tokens == alone.generated_tokens
 
 
 def test_truncate_oldest_keeps_the_system_message(model: edge_qwen.Model) -> None:

@@ -71,19 +71,27 @@ def test_a_second_thread_waits_for_the_first_stream_to_finish(model: edge_qwen.M
 
 
 def test_closing_a_stream_early_releases_the_model(model: edge_qwen.Model) -> None:
+    alone = model.generate("hello", seed=1, **OPTIONS)
     stream = model.stream("hello", seed=1, **OPTIONS)
     next(stream)
     stream.close()
-    assert model.generate("hello", seed=1, **OPTIONS) is not None  # would wait forever if still held
+    # Still held, this would raise (same thread) or wait forever (another thread).
+    assert model.generate("hello", seed=1, **OPTIONS) == alone
+    other: list[str] = []
+    waiter = threading.Thread(target=lambda: other.append(model.generate("hello", seed=1, **OPTIONS)))
+    waiter.start()
+    waiter.join(timeout=60)
+    assert other == [alone]
 
 
 def test_a_second_stream_in_the_same_thread_is_an_error_not_a_deadlock(model: edge_qwen.Model) -> None:
+    alone = model.generate("def f(x):", seed=3, **OPTIONS)
     first = model.stream("hello", **OPTIONS)
     next(first)
     with pytest.raises(RuntimeError, match="already consuming a generation of this Model"):
         model.generate("def f(x):", **OPTIONS)
     first.close()
-    assert model.generate("def f(x):", **OPTIONS) is not None
+    assert model.generate("def f(x):", seed=3, **OPTIONS) == alone
 
 
 def test_a_stream_may_be_resumed_from_another_thread(model: edge_qwen.Model) -> None:
