@@ -190,18 +190,65 @@ def test_paper_arithmetic_matches_the_bytes_counted_in_exported_graphs(
     assert weight_bytes_per_token(package / "model.onnx") == predicted
 
 
-def test_paper_predictions_follow_from_bytes_and_bandwidth() -> None:
-    doc = paper()
-    rows = {(r["size"], r["precision"]): r for r in doc.paper()["rows"]}
+def test_paper_bytes_match_a_hand_count_of_qwen2_5_0_5b() -> None:
+    # Qwen2.5-0.5B per layer: qkv (896 + 2 * 128) x 896 = 1,032,192; o 896 x 896 = 802,816;
+    # gate_up 2 x 4864 x 896 = 8,716,288; down 4864 x 896 = 4,358,144: 14,909,440 weights, x 24 layers
+    # = 357,826,560, + lm_head 151,936 x 896 = 136,134,656: 493,961,216 matrix weights. With the biases
+    # (24 x 1152) and norms (24 x 2 x 896 + 896) that is 494,032,768, the model's published size.
+    # fp32 bytes: 4 x 493,961,216 = 1,975,844,864, + norms and biases 4 x 71,552 = 286,208, + one
+    # embedding row 4 x 896 = 3,584, + one cos and one sin row 2 x 32 x 4 = 256: 1,976,134,912.
+    rows = {(r["size"], r["precision"]): r for r in paper().paper()["rows"]}
+    assert rows[("0.5B", "fp32")]["weight_bytes_per_token"] == 1_976_134_912
+    # fp16 matrices are folded to fp32 at load; only the embedding row is read at 2 bytes a value.
+    assert rows[("0.5B", "fp16")]["weight_bytes_per_token"] == 1_976_134_912 - 896 * 2
+    # K and V, 2 KV heads, fp32: 2 x 2 x 64 x 4 x 24 layers; 1.5B and 3B have head_dim 128.
+    kv = {size: rows[(size, "fp32")]["kv_bytes_per_position"] for size in ("0.5B", "1.5B", "3B")}
+    assert kv == {"0.5B": 24_576, "1.5B": 2 * 2 * 128 * 4 * 28, "3B": 2 * 2 * 128 * 4 * 36}
+    assert rows[("0.5B", "fp32")]["bytes_per_token"] == 1_976_134_912 + 192 * 24_576
+    # Without dotprod, every 8-bit weight is also written and read as float32: 8 bytes each.
+    assert rows[("0.5B", "int8")]["no_dotprod_extra_bytes"] == 493_961_216 * 8
+    # 1,980,853,504 bytes a token at the Pi 5's assumed 10 GB/s sustained.
+    assert rows[("0.5B", "fp32")]["predicted_decode_tps"]["Raspberry Pi 5"]["sustained"] == pytest.approx(
+        5.0483, abs=1e-4
+    )
+
+
+def test_paper_bytes_grow_with_size_and_precision() -> None:
+    rows = {(r["size"], r["precision"]): r for r in paper().paper()["rows"]}
     assert set(rows) == {(s, p) for s in ("0.5B", "1.5B", "3B") for p in ("fp32", "fp16", "int8", "int4")}
-    small, big = rows[("0.5B", "int4")], rows[("3B", "int4")]
-    assert small["bytes_per_token"] < big["bytes_per_token"] < rows[("3B", "fp32")]["bytes_per_token"]
-    for device in doc.DEVICES:
-        tps = small["predicted_decode_tps"][device.name]
-        # A core without dotprod also reads the float32 copies of the int8 matrices.
-        read = small["bytes_per_token"] + (0 if device.dotprod else small["no_dotprod_extra_bytes"])
-        assert tps["sustained"] == pytest.approx(device.sustained_gb_s * 1e9 / read)
-        assert tps["sustained"] < tps["peak"]
+    for precision in ("fp32", "fp16", "int8", "int4"):
+        sizes = [rows[(s, precision)]["bytes_per_token"] for s in ("0.5B", "1.5B", "3B")]
+        assert sizes == sorted(set(sizes)), precision
+    for size in ("0.5B", "1.5B", "3B"):
+        by_precision = [rows[(size, p)]["bytes_per_token"] for p in ("int4", "int8", "fp16", "fp32")]
+        assert by_precision == sorted(set(by_precision)), size
+        tps = rows[(size, "int4")]["predicted_decode_tps"]
+        assert all(t["sustained"] < t["peak"] for t in tps.values())
+
+
+def test_predicted_speed_is_bandwidth_over_bytes_plus_the_int8_detour_without_dotprod() -> None:
+    doc = paper()
+    # 10 GB/s sustained over 500 MB a token: 20 tok/s; a core without dotprod reads 250 MB more.
+    with_dotprod = doc.Device("a", "", True, peak_gb_s=20.0, sustained_gb_s=10.0, sustained_source="")
+    assert doc.predicted_tps(with_dotprod, 500_000_000, 250_000_000) == {"peak": 40.0, "sustained": 20.0}
+    without = doc.Device("b", "", False, peak_gb_s=20.0, sustained_gb_s=10.0, sustained_source="")
+    tps = doc.predicted_tps(without, 500_000_000, 250_000_000)
+    assert tps == {"peak": pytest.approx(80 / 3), "sustained": pytest.approx(40 / 3)}
+
+
+def test_int4_bits_per_weight_include_scales_and_zero_points() -> None:
+    # A block of 32 4-bit codes is 16 bytes + a 4-byte scale: 5.0 bits a weight; asymmetric adds a
+    # 4-bit zero point per block (0.125 bits at b32). b64: (32 + 4) x 8 / 64; b128: (64 + 4) x 8 / 128.
+    doc = paper()
+    bits = {variant: doc.bits_per_weight(scheme) for variant, scheme in doc.default_int4_schemes()}
+    assert bits == {
+        "b32 sym": 5.0,
+        "b32 asym": 5.125,
+        "b64 sym": 4.5,
+        "b64 asym": 4.5625,
+        "b128 sym": 4.25,
+        "b128 asym": 4.28125,
+    }
 
 
 def test_cpuinfo_names_the_pi_cores_and_their_dotprod() -> None:
