@@ -62,7 +62,9 @@ def report_lines(r: BenchResult) -> list[str]:
         *(_row(name, stat, scale) for name, stat, scale in rows),
         f"(repetitions: {r.repetitions})",
         "",
-        f"peak RSS  {r.peak_rss_bytes / 1e6:.1f} MB; {_huge_pages(r)}",
+        f"peak RSS  {r.peak_rss_bytes / 1e6:.1f} MB; after load {r.anon_rss_after_load_bytes / 1e6:.1f} MB "
+        f"anonymous + {r.file_rss_after_load_bytes / 1e6:.1f} MB file-backed (reclaimable)",
+        *_first_load(r),
         f"decode    reads {t.total_bytes / 1e6:.1f} MB per token (weights {t.weight_bytes / 1e6:.1f} MB, "
         f"KV cache {t.kv_cache_bytes / 1e6:.1f} MB at {t.average_context:.0f} positions)",
         f"          = {r.achieved_bytes_per_second.median / 1e9:.2f} GB/s at "
@@ -73,12 +75,10 @@ def report_lines(r: BenchResult) -> list[str]:
     return lines
 
 
-def _huge_pages(r: BenchResult) -> str:
-    held = "" if r.huge_page_bytes is None else f", {r.huge_page_bytes / 1e6:.0f} MB held in them"
-    if r.huge_pages_requested and r.huge_pages_seconds is not None:
-        after = r.huge_pages_seconds.median
-        return f"weights moved into huge pages in {after:.2f} s after loading, waited for{held}"
-    return f"huge pages not used (see README, Speed){held}"
+def _first_load(r: BenchResult) -> list[str]:
+    if r.first_load_seconds is None:
+        return []
+    return [f"first load {r.first_load_seconds:.2f} s: it packed the weights for this machine, once"]
 
 
 def _row(name: str, stat: Stat, scale: float) -> str:

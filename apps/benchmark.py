@@ -1,7 +1,8 @@
 """Measure a model package the llama-bench way, and how close its decoding comes to memory bandwidth.
 
-    load        edge_qwen.load, once per repetition (the last model is kept); then the wait for
-                its background move of the weights into huge pages, timed apart (memory.py)
+    load        edge_qwen.load, once per repetition (the last model is kept); a load that first
+                writes the package's prepacked copy for this machine (edge_qwen/prepacked.py) is
+                timed apart, as the first load, and one more load is timed in its place
     warm-up     one untimed prefill + two decode steps
     per rep     fresh KV cache of prompt + gen positions
                 prefill = one Model.forward over a seeded random prompt
@@ -40,11 +41,10 @@ from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.config import QwenConfig
 from edge_qwen.engine import check_context
 from edge_qwen.loader import load
-from edge_qwen.memory import anon_huge_page_bytes
 from edge_qwen.model import Model
 from edge_qwen.package import read_manifest
+from edge_qwen.prepacked import is_written
 from edge_qwen.providers import cpuinfo_text, physical_cores
-from edge_qwen.weights import ROW_INPUTS
 
 PROMPT_SEED = 0
 PROBE_BYTES = 512 << 20  # far past any cache: the probe reads memory, not L3
@@ -53,8 +53,12 @@ WARMUP_DECODE_STEPS = 2
 # CPU features that decide which int8/int4 kernels ONNX Runtime takes (see docs/performance.md).
 KERNEL_FEATURES = ("asimddp", "i8mm", "sve", "sme2", "avx2", "avx_vnni", "avx512_vnni", "amx_int8")
 # Initializer slots read one row per token (a lookup), not whole: op type -> input indices. For the
-# traffic count the rotary caches are lookups too (one position per token); weights.py copies them.
-GATHERED_INPUTS = {**ROW_INPUTS, "GroupQueryAttention": (7, 8)}  # cos and sin caches
+# traffic count the rotary caches are lookups too (one position per token).
+GATHERED_INPUTS = {  # op type -> the inputs it reads a row per index of
+    "Gather": (0,),
+    "GatherBlockQuantized": (0, 2, 3),  # data, scales, zero points
+    "GroupQueryAttention": (7, 8),  # cos and sin caches
+}
 # /proc/cpuinfo on ARM names no model, only the core's part number (Arm Ltd, implementer 0x41).
 ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76"}
 
@@ -118,10 +122,12 @@ class BenchResult:
     decode_tokens_per_second: Stat
     ttft_seconds: Stat
     peak_rss_bytes: int
-    huge_pages_requested: bool  # load() moved the weights into huge pages (memory.py)
-    # How long that move still took after load() returned; the runs are timed once it is done.
-    huge_pages_seconds: Stat | None
-    huge_page_bytes: int | None  # anonymous memory in transparent huge pages after the runs
+    # The load that wrote the package's prepacked copy for this machine, if this run's first did.
+    first_load_seconds: float | None
+    # Resident memory once the last load returned: anonymous (the heap, which only freeing returns)
+    # and file-backed (the mapped weights and libraries, which the kernel can reclaim and share).
+    anon_rss_after_load_bytes: int
+    file_rss_after_load_bytes: int
     package_bytes: int
     traffic: DecodeTraffic
     memory_bandwidth_bytes_per_second: float
@@ -169,7 +175,8 @@ def run_benchmark(
     check_context(prompt_tokens, gen_tokens, manifest.max_context, "lower --prompt-tokens or --gen-tokens")
     threads = threads or physical_cores()
 
-    model, load_seconds, huge_seconds = _timed_loads(root, threads, repetitions)
+    model, load_seconds, first_load = _timed_loads(root, threads, repetitions)
+    after_load = rss_kinds()
     # Python's generator, not numpy's: numpy.random imports `secrets`, hence hashlib and libcrypto
     # (~4 MB resident), which nothing else of a token-ids run needs.
     ids = random.Random(PROMPT_SEED)
@@ -177,7 +184,6 @@ def run_benchmark(
     _time_generation(model, prompt, WARMUP_DECODE_STEPS)  # arena growth and first-run costs
     runs = [_time_generation(model, prompt, gen_tokens) for _ in range(repetitions)]
     peak_rss = peak_rss_bytes()  # before the probe's array raises the high-water mark
-    huge_bytes = anon_huge_page_bytes()
     providers = tuple(model.providers)
     del model  # a 3B model and the probe's array need not share a 4 GB board
     gc.collect()
@@ -197,9 +203,9 @@ def run_benchmark(
         decode_tokens_per_second=Stat.of([r.decode_steps / r.decode for r in runs]),
         ttft_seconds=Stat.of([r.ttft for r in runs]),
         peak_rss_bytes=peak_rss,
-        huge_pages_requested=bool(huge_seconds),
-        huge_pages_seconds=Stat.of(huge_seconds) if huge_seconds else None,
-        huge_page_bytes=huge_bytes,
+        first_load_seconds=first_load,
+        anon_rss_after_load_bytes=after_load["RssAnon"],
+        file_rss_after_load_bytes=after_load["RssFile"],
         package_bytes=package_size(root),
         traffic=decode_traffic(root / "model.onnx", manifest.config, prompt.size, gen_tokens),
         memory_bandwidth_bytes_per_second=memory_read_bandwidth(threads),
@@ -211,25 +217,36 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _timed_loads(root: Path, threads: int, repetitions: int) -> tuple[Model, list[float], list[float]]:
+def _timed_loads(root: Path, threads: int, repetitions: int) -> tuple[Model, list[float], float | None]:
     """Load `repetitions` times (each model freed before the next); returns the last model, the load
-    times, and how long each load's background move into huge pages took after it returned (waited
-    for, so that neither the next load nor the runs share the CPU with it)."""
+    times, and the time of a first load that wrote the prepacked copy (then one more load is timed)."""
+    first = None if is_written(root) else _timed_load(root, threads)[1]
     seconds: list[float] = []
-    huge_seconds: list[float] = []
     model: Model | None = None
     for _ in range(repetitions):
         model = None
         gc.collect()
-        start = time.perf_counter()
-        model = load(root, threads=threads)
-        loaded = time.perf_counter()
-        seconds.append(loaded - start)
-        if model.huge_pages is not None:
-            model.huge_pages.join()
-            huge_seconds.append(time.perf_counter() - loaded)
+        model, took = _timed_load(root, threads)
+        seconds.append(took)
     assert model is not None
-    return model, seconds, huge_seconds
+    return model, seconds, first
+
+
+def _timed_load(root: Path, threads: int) -> tuple[Model, float]:
+    start = time.perf_counter()
+    model = load(root, threads=threads)
+    return model, time.perf_counter() - start
+
+
+def rss_kinds(status: Path = Path("/proc/self/status")) -> dict[str, int]:
+    """This process's resident anonymous and file-backed bytes (RssAnon, RssFile); 0 where unknown."""
+    found = {"RssAnon": 0, "RssFile": 0}
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in found:
+                found[key] = int(value.split()[0]) * 1024  # the kernel reports kB
+    return found
 
 
 def _time_generation(model: Model, prompt: np.ndarray, gen_tokens: int) -> _Timing:

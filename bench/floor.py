@@ -32,7 +32,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import edge_qwen
-from edge_qwen.memory import collapse_into_huge_pages
 from edge_qwen.package import WEIGHTS
 from edge_qwen.providers import session_options
 
@@ -174,9 +173,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.package.parent) as tmp:  # a hard link stays on one disk
         matmuls, feeds = matmul_only(args.package, Path(tmp))
         matmuls.run(None, feeds)
-        if model.huge_pages is not None:  # the model's weights moved into huge pages: the floor's too
-            model.huge_pages.join()
-            collapse_into_huge_pages()
         for _ in range(args.rounds):
             s, r = decode_round(model, prompt, args.steps)
             step.append(s)

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_qwen.apps.benchmark import package_size, vm_hwm_bytes
+from edge_qwen.apps.benchmark import package_size
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -49,6 +49,8 @@ def run_genai(folder: Path, args: argparse.Namespace) -> Metrics:
         "ttft_s": d["prefill_s"],
         "load_s": d["load_s"],
         "peak_rss_bytes": done.peak_rss_bytes,  # not its own ru_maxrss: inherited from this process
+        "peak_anon_bytes": done.peak_anon_bytes,
+        "peak_file_bytes": done.peak_file_bytes,
         "size_bytes": package_size(folder),
     }
 
@@ -67,6 +69,8 @@ def run_llama(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> Metrics:
         "ttft_s": p / pp,
         "load_s": None,  # llama-bench does not report one
         "peak_rss_bytes": done.peak_rss_bytes,
+        "peak_anon_bytes": done.peak_anon_bytes,
+        "peak_file_bytes": done.peak_file_bytes,
         "size_bytes": gguf.stat().st_size,
     }
 
@@ -74,23 +78,30 @@ def run_llama(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> Metrics:
 @dataclass(frozen=True)
 class Finished:
     stdout: str
-    peak_rss_bytes: int
+    peak_rss_bytes: int  # VmHWM: anonymous and file-backed pages together, at the highest
+    # The highest RssAnon (the heap: not reclaimable) and RssFile (mapped files, such as weights: the
+    # kernel can drop them under memory pressure and read them again) seen while polling.
+    peak_anon_bytes: int
+    peak_file_bytes: int
 
 
 def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT, env: dict[str, str] | None = None) -> Finished:
-    """Run `cmd` to its end: its stdout and its peak RSS, VmHWM polled from /proc while it runs.
+    """Run `cmd` to its end: its stdout and its peak RSS, VmHWM (and RssAnon, RssFile) polled from
+    /proc while it runs.
 
     Not wait4's ru_maxrss: a child of this process (which holds calibration statistics and export
     buffers) inherits its high-water mark through vfork + exec; VmHWM starts afresh at exec.
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak, stop = [0], threading.Event()
+    peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    stop = threading.Event()
 
     def watch() -> None:
         status = Path(f"/proc/{proc.pid}/status")
         while not stop.is_set():
             with contextlib.suppress(OSError):  # once it has exited there is nothing to read
-                peak[0] = max(peak[0], vm_hwm_bytes(status.read_text()) or 0)
+                for key, value in status_kb(status.read_text(), tuple(peak)).items():
+                    peak[key] = max(peak[key], value * 1024)
             stop.wait(RSS_POLL_SECONDS)
 
     watcher = threading.Thread(target=watch)
@@ -105,7 +116,17 @@ def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT, env: dict[str, st
         watcher.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {_tail(stderr)}")
-    return Finished(stdout, peak[0])
+    return Finished(stdout, peak["VmHWM"], peak["RssAnon"], peak["RssFile"])
+
+
+def status_kb(proc_status: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The named kB lines of a /proc/<pid>/status text."""
+    found = {}
+    for line in proc_status.splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            found[key] = int(value.split()[0])
+    return found
 
 
 def _tail(text: str, lines: int = 5) -> str:

@@ -118,8 +118,7 @@ def small_page_zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     A KV cache is sized for the longest context but written one position at a time. In 4 KiB pages
     it costs what it holds; in 2 MiB huge pages, which numpy asks for on arrays of 4 MB or more, the
     first position of each layer's buffer would make 2 MiB resident: ~100 MB for the 0.5B's 48
-    buffers before a token is cached. MADV_NOHUGEPAGE also keeps load()'s move of the weights into
-    huge pages (memory.py) away from it.
+    buffers before a token is cached.
     """
     count = int(np.prod(shape))
     # Anonymous: zero-filled, its pages made on first write.

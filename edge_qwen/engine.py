@@ -58,8 +58,6 @@ class Engine:
         self.tokenizer_config: dict[str, Any] = _read_json(path / "tokenizer_config.json")
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
-        # load()'s background move of the weights into huge pages, if it started one: join() waits for it.
-        self.huge_pages: threading.Thread | None = None
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate | None:

@@ -57,13 +57,16 @@ def load(
             # The copy is the graph ONNX Runtime optimized for this CPU: optimizing it again finds
             # nothing and takes time.
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # The tokenizer first: its parse's scratch (freed, then returned) peaks before the weights are
+    # mapped rather than on top of them.
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    release_free_heap()
     try:
         session = ort.InferenceSession(str(graph), options, providers=providers)
     except Exception as e:  # ONNX Runtime raises its own exception types for bad graphs
         fix = "re-export the model" if on_cpu else f"provider {provider!r} may not run it: try provider='cpu'"
         raise PackageError(f"{root}: ONNX Runtime could not load model.onnx ({e}); {fix}") from e
-    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
-    release_free_heap()  # the tokenizer's parse and the session build leave freed heap behind
+    release_free_heap()  # what building the session freed: the graph's protobuf, optimizer scratch
     recipe = (manifest.raw.get("quantization") or {}).get("recipe") or {}
     warning = int8_fallback_warning(recipe, platform.machine(), cpuinfo_text())
     if warning:

@@ -94,9 +94,9 @@ def prepacked_model(package: Path, cache: Path | None = None) -> Path | None:
     the caller then loads the package itself, as ONNX Runtime packs it at every load. The reason
     is logged once as a warning.
     """
-    root = (cache or home()) / FOLDER
     source = cache_key(package)
-    target = root / f"{package.resolve().name}-{source['key']}"
+    target = copy_folder(package, source, cache)
+    root = target.parent
     if (target / SOURCE).is_file():
         return target / MODEL
     try:
@@ -108,6 +108,17 @@ def prepacked_model(package: Path, cache: Path | None = None) -> Path | None:
         log.warning("could not keep %s's packed weights in %s (%s): loading without them", package, root, e)
         return None
     return target / MODEL
+
+
+def copy_folder(package: Path, source: dict[str, Any] | None = None, cache: Path | None = None) -> Path:
+    """Where the prepacked copy of `package` for this machine is kept (whether or not it exists yet)."""
+    key = (source or cache_key(package))["key"]
+    return (cache or home()) / FOLDER / f"{package.resolve().name}-{key}"
+
+
+def is_written(package: Path, cache: Path | None = None) -> bool:
+    """Whether this machine has the prepacked copy of `package` already."""
+    return (copy_folder(package, cache=cache) / SOURCE).is_file()
 
 
 def write(package: Path, target: Path, source: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ def cached_statistics(
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
+    cache_dir.mkdir(parents=True, exist_ok=True)
     stats = collect_statistics(ckpt, text, full, cache_dir, show_progress, max_chunks=max_chunks)
     tmp = path.with_suffix(".partial.npz")
     np.savez(tmp, **stats)
