@@ -27,18 +27,18 @@ per row on a shared 2-core machine (noisy: see docs/performance.md for the caref
 rows run in our runtime, the peers in onnxruntime-genai's. ONNX Runtime {onnxruntime}.
 
 Rows are re-measured only when asked for (`--rows`), so they may come from different versions of the
-exporter: the last column names the version (`edge_qwen.export.source_fingerprint()`) or says
-"older" for rows measured before that was recorded, when GPTQ and imatrix calibrated on the first
-8,192 tokens of the calibration text rather than windows spread over all of it (docs/quantization.md).
-Compare rows of the same exporter.
+exporter: the last column names the version (`edge_qwen.export.source_fingerprint()`, a hash of the
+exporter's source) or says "older" for rows from an exporter that did not record it, whose GPTQ and
+imatrix calibrated on the first 8,192 tokens of the calibration text rather than on windows spread
+over all of it (docs/quantization.md). Compare rows of the same exporter.
 
 Row names: `int4-ALGO-bBLOCK[-sym][-head4][-nomix]` is an INT4 body quantized with ALGO at block
 BLOCK, asymmetric unless `-sym`, with an int8 lm_head unless `-head4` (int4), embeddings as the body,
 and qkv/down_proj at int8 in the first and last layers (the count is in the name column, e.g. 4+4)
 unless `-nomix`; `-gu64`: gate_up_proj at block 64; `-dn64`: down_proj at 64; `-hd64`, `-hd128`:
 lm_head (and a tied embedding) at 64 or 128. `int8-kquant-b32` is INT8 throughout. The default INT4
-recipe is `int4-gptq-b32-head4-nomix-gu64-hd64` (since session 7; sessions 3-6
-`int4-gptq-b32-head4-nomix-gu64`; before, `int4-gptq-b32-head4`).
+recipe is `int4-gptq-b32-head4-nomix-gu64-hd64`; docs/quantization.md explains the choice and
+docs/design.md the alternatives measured.
 
 Peers: `ort-genai-int4` is onnxruntime-genai's INT4 CPU default (`-p int4 -e cpu`), and
 `ort-genai-int4-kqmixed` its best recipe (`--extra_options algo_config=k_quant_mixed`: k-quant with
