@@ -38,45 +38,13 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 def tokenizer_from_gguf(metadata: Mapping[str, Any], model_max_length: int) -> TokenizerFiles:
     """tokenizer.json, tokenizer_config.json and generation ids from `tokenizer.*` GGUF metadata."""
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}: Qwen2 uses byte-level BPE ('gpt2')")
-    pre = metadata.get("tokenizer.ggml.pre", "qwen2")
-    if pre not in QWEN2_PRE_TOKENIZERS:
-        raise ValueError(
-            f"unsupported GGUF pre-tokenizer {pre!r}: edge-qwen splits text like Qwen2 "
-            f"({', '.join(sorted(QWEN2_PRE_TOKENIZERS))})"
-        )
-    if not metadata.get("tokenizer.ggml.tokens"):
-        raise ValueError("GGUF has no tokenizer.ggml.tokens: the file carries no tokenizer")
-    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
-    types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise ValueError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    tokens, types = _vocabulary(metadata)
     merges = [_merge_pair(m) for m in metadata.get("tokenizer.ggml.merges", ())]
-
     vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)) if kind != TOKEN_UNUSED}
-    added = [
-        (
-            i,
-            AddedToken(
-                tok,
-                single_word=False,
-                lstrip=False,
-                rstrip=False,
-                normalized=False,
-                special=kind == TOKEN_CONTROL,
-            ),
-        )
-        for i, (tok, kind) in enumerate(zip(tokens, types, strict=True))
-        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
-    ]
+    added = _added_tokens(tokens, types)
     tokenizer = _qwen2_tokenizer(vocab, merges, [token for _, token in added])
 
-    ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
-    for key, token_id in ids.items():
-        if token_id is not None and not 0 <= token_id < len(tokens):
-            raise ValueError(f"GGUF {key} token id {token_id} is outside the vocabulary of {len(tokens)}")
+    ids = _special_ids(metadata, len(tokens))
     eos, pad = ids["eos"], ids["padding"]
     if metadata.get("tokenizer.ggml.add_bos_token"):
         logger.warning("GGUF asks to add a BOS token; Qwen2 never does, so none is added")
@@ -102,6 +70,54 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], model_max_length: int) -> T
     return TokenizerFiles(
         tokenizer_json=tokenizer.to_str(), tokenizer_config=config, generation_config=generation
     )
+
+
+def _vocabulary(metadata: Mapping[str, Any]) -> tuple[list[str], list[int]]:
+    """The tokens and their llama.cpp types, once the metadata is checked to hold a Qwen2 BPE vocabulary."""
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}: Qwen2 uses byte-level BPE ('gpt2')")
+    pre = metadata.get("tokenizer.ggml.pre", "qwen2")
+    if pre not in QWEN2_PRE_TOKENIZERS:
+        raise ValueError(
+            f"unsupported GGUF pre-tokenizer {pre!r}: edge-qwen splits text like Qwen2 "
+            f"({', '.join(sorted(QWEN2_PRE_TOKENIZERS))})"
+        )
+    if not metadata.get("tokenizer.ggml.tokens"):
+        raise ValueError("GGUF has no tokenizer.ggml.tokens: the file carries no tokenizer")
+    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    types: list[int] = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    return tokens, types
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[tuple[int, AddedToken]]:
+    """(id, token) of the special (control) and user-defined tokens, matched whole, never normalized."""
+    return [
+        (
+            i,
+            AddedToken(
+                tok,
+                single_word=False,
+                lstrip=False,
+                rstrip=False,
+                normalized=False,
+                special=kind == TOKEN_CONTROL,
+            ),
+        )
+        for i, (tok, kind) in enumerate(zip(tokens, types, strict=True))
+        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED)
+    ]
+
+
+def _special_ids(metadata: Mapping[str, Any], vocab_size: int) -> dict[str, int | None]:
+    """The bos, eos and padding ids the metadata names (None where it names none), checked in range."""
+    ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
+    for key, token_id in ids.items():
+        if token_id is not None and not 0 <= token_id < vocab_size:
+            raise ValueError(f"GGUF {key} token id {token_id} is outside the vocabulary of {vocab_size}")
+    return ids
 
 
 def _qwen2_tokenizer(
