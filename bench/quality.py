@@ -83,7 +83,7 @@ PEER_ROWS = {
 }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="*", default=[*OURS, *PEER_ROWS])
     p.add_argument(
@@ -102,7 +102,11 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "quality.json")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "quality.md")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     gguf = fetch_gguf()
     ref_pkg = ensure_export(gguf, args.work / "fp32", {"precision": "fp32"}, None)
@@ -132,11 +136,7 @@ def main() -> None:
             if not (pkg / "model.onnx").is_file():
                 print(f"skip {row}: {pkg} not built (../shared/peers/ortgenai_peer.sh)", file=sys.stderr)
                 continue
-            session = ort.InferenceSession(
-                str(pkg / "model.onnx"), session_options(None), ["CPUExecutionProvider"]
-            )
-            decoder = SimpleNamespace(session=session, config=ref.config)
-            speed = peer_decode_speed(pkg)
+            decoder, speed = peer_decoder(pkg, ref.config), peer_decode_speed(pkg)
         edge = max(1, ref.config.num_hidden_layers // 6)  # as export/recipe.py is_sensitive
         mixed = row in OURS and OURS[row].get("precision") == "int4" and OURS[row].get("mixed", True)
         results[name] = {
@@ -149,6 +149,12 @@ def main() -> None:
         }
         print(name, json.dumps(results[name]), flush=True)
         save(results, args, ref_pkg)
+
+
+def peer_decoder(pkg: Path, config: Any) -> SimpleNamespace:
+    """A peer's model.onnx in a plain CPU session, with our reference's config: what score() runs."""
+    session = ort.InferenceSession(str(pkg / "model.onnx"), session_options(None), ["CPUExecutionProvider"])
+    return SimpleNamespace(session=session, config=config)
 
 
 def fetch_gguf() -> Path:
