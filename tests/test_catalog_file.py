@@ -15,9 +15,7 @@ from edge_qwen.errors import PackageError
 from edge_qwen.export.options import ExportOptions
 from edge_qwen.hub import catalog, sources
 from edge_qwen.hub.catalog import Catalog, CatalogError
-from tests.catalog_fixtures import REAL_NAME, export_gguf
-
-pytest_plugins = ("tests.catalog_fixtures",)
+from tests.fake_pypi import REAL_NAME, export_gguf
 
 SHARED_FETCH = Path(__file__).resolve().parents[2] / "shared" / "models" / "fetch_gguf.py"
 

