@@ -78,7 +78,9 @@ def report_lines(r: BenchResult) -> list[str]:
 def _first_load(r: BenchResult) -> list[str]:
     if r.first_load_seconds is None:
         return []
-    return [f"first load {r.first_load_seconds:.2f} s: it packed the weights for this machine, once"]
+    peak_bytes = r.first_load_peak_rss_bytes
+    peak = "" if peak_bytes is None else f", peak RSS {peak_bytes / 1e6:.1f} MB"
+    return [f"first load {r.first_load_seconds:.2f} s{peak}: it packed the weights for this machine, once"]
 
 
 def _row(name: str, stat: Stat, scale: float) -> str:

@@ -20,12 +20,14 @@ machine can read says how much headroom a faster kernel could still find.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import platform
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -122,8 +124,10 @@ class BenchResult:
     decode_tokens_per_second: Stat
     ttft_seconds: Stat
     peak_rss_bytes: int
-    # The load that wrote the package's prepacked copy for this machine, if this run's first did.
+    # The load that wrote the package's prepacked copy for this machine, if there was none yet: its time
+    # and peak RSS, in a process of its own (so peak_rss_bytes is of loads that mapped the copy).
     first_load_seconds: float | None
+    first_load_peak_rss_bytes: int | None
     # Resident memory once the last load returned: anonymous (the heap, which only freeing returns)
     # and file-backed (the mapped weights and libraries, which the kernel can reclaim and share).
     anon_rss_after_load_bytes: int
@@ -175,7 +179,7 @@ def run_benchmark(
     check_context(prompt_tokens, gen_tokens, manifest.max_context, "lower --prompt-tokens or --gen-tokens")
     threads = threads or physical_cores()
 
-    model, load_seconds, first_load = _timed_loads(root, threads, repetitions)
+    model, load_seconds, first_load, first_peak = _timed_loads(root, threads, repetitions)
     after_load = rss_kinds()
     # Python's generator, not numpy's: numpy.random imports `secrets`, hence hashlib and libcrypto
     # (~4 MB resident), which nothing else of a token-ids run needs.
@@ -204,6 +208,7 @@ def run_benchmark(
         ttft_seconds=Stat.of([r.ttft for r in runs]),
         peak_rss_bytes=peak_rss,
         first_load_seconds=first_load,
+        first_load_peak_rss_bytes=first_peak,
         anon_rss_after_load_bytes=after_load["RssAnon"],
         file_rss_after_load_bytes=after_load["RssFile"],
         package_bytes=package_size(root),
@@ -217,10 +222,13 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _timed_loads(root: Path, threads: int, repetitions: int) -> tuple[Model, list[float], float | None]:
+def _timed_loads(
+    root: Path, threads: int, repetitions: int
+) -> tuple[Model, list[float], float | None, int | None]:
     """Load `repetitions` times (each model freed before the next); returns the last model, the load
-    times, and the time of a first load that wrote the prepacked copy (then one more load is timed)."""
-    first = None if is_written(root) else _timed_load(root, threads)[1]
+    times, and the time and peak RSS of a first load that wrote the prepacked copy, run in a process
+    of its own so that its packing does not count in this one's peak."""
+    first, first_peak = first_load(root, threads) if not is_written(root) else (None, None)
     seconds: list[float] = []
     model: Model | None = None
     for _ in range(repetitions):
@@ -229,7 +237,25 @@ def _timed_loads(root: Path, threads: int, repetitions: int) -> tuple[Model, lis
         model, took = _timed_load(root, threads)
         seconds.append(took)
     assert model is not None
-    return model, seconds, first
+    return model, seconds, first, first_peak
+
+
+FIRST_LOAD = """
+import json, sys, time
+from edge_qwen.apps.benchmark import peak_rss_bytes
+from edge_qwen.loader import load
+start = time.perf_counter()
+load(sys.argv[1], threads=int(sys.argv[2]))
+print(json.dumps([time.perf_counter() - start, peak_rss_bytes()]))
+"""
+
+
+def first_load(root: Path, threads: int) -> tuple[float, int]:
+    """Seconds and peak RSS of a load in a new process (which writes the prepacked copy, if missing)."""
+    cmd = [sys.executable, "-c", FIRST_LOAD, str(root), str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    seconds, peak = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(seconds), int(peak)
 
 
 def _timed_load(root: Path, threads: int) -> tuple[Model, float]:

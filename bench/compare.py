@@ -188,6 +188,7 @@ def run_ours(package: Path, args: argparse.Namespace, repetitions: int, home: Pa
         "ttft_s": d["ttft_seconds"]["median"],
         "load_s": d["load_seconds"]["median"],
         "first_load_s": d["first_load_seconds"],  # the load that wrote the prepacked copy (round 1)
+        "first_load_peak_rss_bytes": d["first_load_peak_rss_bytes"],
         "peak_rss_bytes": d["peak_rss_bytes"],  # its own VmHWM, read before its bandwidth probe
         "peak_anon_bytes": done.peak_anon_bytes,
         "peak_file_bytes": done.peak_file_bytes,

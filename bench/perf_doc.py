@@ -42,8 +42,11 @@ def render_measured(data: dict[str, Any]) -> list[str]:
         ("decode tok/s", "decode_tps", "{:.2f}"),
         ("TTFT ms", "ttft_s", "{:.0f}", 1e3),
         ("load s", "load_s", "{:.2f}"),
-        ("then huge pages s", "huge_pages_s", "{:.2f}"),
+        ("first load s", "first_load_s", "{:.2f}"),
         ("peak RSS MB", "peak_rss_bytes", "{:.0f}", 1e-6),
+        ("peak anonymous MB", "peak_anon_bytes", "{:.0f}", 1e-6),
+        ("peak file-backed MB", "peak_file_bytes", "{:.0f}", 1e-6),
+        ("anonymous after load MB", "anon_after_load_bytes", "{:.0f}", 1e-6),
         ("on disk MB", "size_bytes", "{:.0f}", 1e-6),
     ]
     out.append("| engine | " + " | ".join(c[0] for c in cols) + " |")
@@ -183,7 +186,7 @@ is (Q4_K_M), `llama-bench -p {prompt_tokens} -n {gen_tokens} -r 1 -t {threads}`.
 its model builder's INT4 CPU default (`../shared/peers/ortgenai_peer.sh`), timed by \
 `ortgenai_bench.py`. Protocol (llama-bench's): a {prompt_tokens}-token prompt (prefill tok/s), then \
 {gen_tokens} greedy tokens (decode tok/s). {rounds} round(s); within each the engines run one after \
-the other (ours, ours in 4 KiB pages, onnxruntime-genai, llama.cpp), so drift of this shared \
+the other (ours, onnxruntime-genai, llama.cpp), so drift of this shared \
 machine hits all of them alike; the table shows medians over rounds. Every run is a fresh process. \
 Ours and llama.cpp use {threads} threads; onnxruntime-genai its own default.
 
@@ -199,13 +202,15 @@ inherits from a large parent through vfork), so it includes each runtime's Pytho
 around the model. Neither bench renders a chat template: a chat process of ours also loads jinja2 \
 (~7 MB, docs/memory.md).
 
-Huge pages: in the row "edge-qwen", the packed weights, which every decode step streams, were moved \
-into 2 MiB transparent huge pages after the load (MADV_COLLAPSE), and `edge-qwen bench` waited for \
-that move before it timed anything ("then huge pages s": how long the move took after the load). The \
-row "4 KiB pages" is the same package and command without the move, in the same rounds. The ratios \
-use the first row. On a virtual machine fresh memory is slow to touch (free page reporting hands \
-freed 2 MiB blocks back to the host, ~1 s per GB on first touch), and part of decode's gain may come \
-from nested paging (a TLB miss in a guest walks two page tables): not measured on bare metal.
+Memory, by kind: "peak RSS" counts every resident page; "peak anonymous" (RssAnon) is the heap, \
+which only the process can give back, and "peak file-backed" (RssFile) the mapped files (weights, \
+libraries), which the kernel can reclaim under memory pressure and read again, and share between \
+processes; both polled every 20 ms, so each is its own peak. "anonymous after load" is ours, read \
+by `edge-qwen bench` itself once the load returned. Our load maps the weights ONNX Runtime packed \
+for this machine once (edge_qwen/prepacked.py): "first load" is the load of round 1, which wrote \
+that copy (compare.py empties its cache before the rounds); "load" is the median of the loads that \
+mapped it. `edge-qwen bench` runs a first load in a process of its own, so the peaks are of runs \
+that mapped the copy; the first load's own peak is in the JSON.
 """
 
 PAPER_TEXT = """\

@@ -104,7 +104,9 @@ def test_bench_times_the_load_that_packs_the_weights_apart(tiny_fp32: Path, tmp_
     first = json.loads(run_bench(str(tiny_fp32), "--json", *counts, EDGE_QWEN_HOME=str(tmp_path)).stdout)
     again = json.loads(run_bench(str(tiny_fp32), "--json", *counts, EDGE_QWEN_HOME=str(tmp_path)).stdout)
     assert first["first_load_seconds"] > 0  # an empty home: the first load wrote the prepacked copy
+    assert first["first_load_peak_rss_bytes"] > 0
     assert again["first_load_seconds"] is None  # then every load maps it
+    assert again["first_load_peak_rss_bytes"] is None
     assert len(list((tmp_path / "prepacked").iterdir())) == 1
 
 
