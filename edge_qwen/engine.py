@@ -54,7 +54,7 @@ class Engine:
         self.config = manifest.config
         self.session = session
         self.providers: list[str] = list(session.get_providers())
-        self.tokenizer = tokenizer or Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tokenizer = tokenizer if tokenizer is not None else parse_tokenizer(path)
         self.tokenizer_config: dict[str, Any] = _read_json(path / "tokenizer_config.json")
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
@@ -210,6 +210,14 @@ class _GenerationLock:
 
     def claim(self) -> None:
         self._owner = threading.get_ident()
+
+
+def parse_tokenizer(path: Path) -> Tokenizer:
+    """The package's tokenizer.json, parsed; PackageError naming the file if it does not parse."""
+    try:
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises plain Exceptions for unreadable or malformed files
+        raise PackageError(f"{path}: tokenizer.json does not parse ({e}): re-export the package") from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:

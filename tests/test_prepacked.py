@@ -180,3 +180,11 @@ def test_two_processes_loading_at_once_write_one_copy(int4: Path, home: Path) ->
     assert outs[0][0] == outs[1][0]
     assert sum(err.count("packing") for _, err in outs) == 1  # one wrote it, the other waited and mapped it
     assert len(copies(home)) == 1
+
+
+def test_a_tokenizer_that_does_not_parse_is_a_package_error(int4: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(int4, tmp_path / "broken")
+    size = (broken / "tokenizer.json").stat().st_size
+    (broken / "tokenizer.json").write_bytes(b"{" + b" " * (size - 1))  # same size: only a parse tells
+    with pytest.raises(edge_qwen.PackageError, match=r"tokenizer.json does not parse.*re-export"):
+        edge_qwen.load(broken)
