@@ -132,6 +132,10 @@ class BenchResult:
     # and file-backed (the mapped weights and libraries, which the kernel can reclaim and share).
     anon_rss_after_load_bytes: int
     file_rss_after_load_bytes: int
+    # The same after the runs, when the prompt's rows of the embedding table, the KV cache and the
+    # activations have joined (read with peak_rss_bytes, before the bandwidth probe allocates).
+    anon_rss_after_runs_bytes: int
+    file_rss_after_runs_bytes: int
     package_bytes: int
     traffic: DecodeTraffic
     memory_bandwidth_bytes_per_second: float
@@ -188,6 +192,7 @@ def run_benchmark(
     _time_generation(model, prompt, WARMUP_DECODE_STEPS)  # arena growth and first-run costs
     runs = [_time_generation(model, prompt, gen_tokens) for _ in range(repetitions)]
     peak_rss = peak_rss_bytes()  # before the probe's array raises the high-water mark
+    after_runs = rss_kinds()
     providers = tuple(model.providers)
     del model  # a 3B model and the probe's array need not share a 4 GB board
     gc.collect()
@@ -211,6 +216,8 @@ def run_benchmark(
         first_load_peak_rss_bytes=first_peak,
         anon_rss_after_load_bytes=after_load["RssAnon"],
         file_rss_after_load_bytes=after_load["RssFile"],
+        anon_rss_after_runs_bytes=after_runs["RssAnon"],
+        file_rss_after_runs_bytes=after_runs["RssFile"],
         package_bytes=package_size(root),
         traffic=decode_traffic(root / "model.onnx", manifest.config, prompt.size, gen_tokens),
         memory_bandwidth_bytes_per_second=memory_read_bandwidth(threads),

@@ -180,8 +180,7 @@ def run_ours(package: Path, args: argparse.Namespace, repetitions: int, home: Pa
     cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "bench", str(package), "--json"]
     cmd += ["--repetitions", str(repetitions), "--threads", str(args.threads)]
     cmd += ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
-    done = run_measured(cmd, env={**os.environ, "EDGE_QWEN_HOME": str(home)})
-    d = json.loads(done.stdout)
+    d = json.loads(run_measured(cmd, env={**os.environ, "EDGE_QWEN_HOME": str(home)}).stdout)
     return {
         "prefill_tps": d["prefill_tokens_per_second"]["median"],
         "decode_tps": d["decode_tokens_per_second"]["median"],
@@ -190,8 +189,9 @@ def run_ours(package: Path, args: argparse.Namespace, repetitions: int, home: Pa
         "first_load_s": d["first_load_seconds"],  # the load that wrote the prepacked copy (round 1)
         "first_load_peak_rss_bytes": d["first_load_peak_rss_bytes"],
         "peak_rss_bytes": d["peak_rss_bytes"],  # its own VmHWM, read before its bandwidth probe
-        "peak_anon_bytes": done.peak_anon_bytes,
-        "peak_file_bytes": done.peak_file_bytes,
+        # Its own figures after the runs: polled from outside, its bandwidth probe's array would count.
+        "peak_anon_bytes": d["anon_rss_after_runs_bytes"],
+        "peak_file_bytes": d["file_rss_after_runs_bytes"],
         "anon_after_load_bytes": d["anon_rss_after_load_bytes"],
         "file_after_load_bytes": d["file_rss_after_load_bytes"],
         "size_bytes": d["package_bytes"],

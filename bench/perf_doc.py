@@ -205,12 +205,13 @@ around the model. Neither bench renders a chat template: a chat process of ours 
 Memory, by kind: "peak RSS" counts every resident page; "peak anonymous" (RssAnon) is the heap, \
 which only the process can give back, and "peak file-backed" (RssFile) the mapped files (weights, \
 libraries), which the kernel can reclaim under memory pressure and read again, and share between \
-processes; both polled every 20 ms, so each is its own peak. "anonymous after load" is ours, read \
-by `edge-qwen bench` itself once the load returned. Our load maps the weights ONNX Runtime packed \
-for this machine once (edge_qwen/prepacked.py): "first load" is the load of round 1, which wrote \
-that copy (compare.py empties its cache before the rounds); "load" is the median of the loads that \
-mapped it. `edge-qwen bench` runs a first load in a process of its own, so the peaks are of runs \
-that mapped the copy; the first load's own peak is in the JSON.
+processes; for the peers both polled every 20 ms, so each is its own peak; for ours read by \
+`edge-qwen bench` itself after the runs (polled, its bandwidth probe's 512 MB array would count). \
+"anonymous after load" is ours, read by `edge-qwen bench` once the load returned. Our load \
+maps the weights ONNX Runtime packed for this machine once (edge_qwen/prepacked.py): "first load" \
+is the load of round 1, which wrote that copy (compare.py empties its cache before the rounds); \
+"load" is the median of the loads that mapped it. `edge-qwen bench` runs a first load in a process \
+of its own, so the peaks are of runs that mapped the copy; the first load's own peak is in the JSON.
 """
 
 PAPER_TEXT = """\
