@@ -354,17 +354,20 @@ def chat(
     in the chat for its commands. With stdin piped, each line is a turn and the answers go to stdout.
     """
     import edge_qwen
+    from edge_qwen import prepacked
     from edge_qwen.hub import catalog
     from edge_qwen.providers import ort_provider_name
 
     config = edge_qwen.GenerationConfig(**options)  # bad values fail before any download
     ort_provider_name(provider)
     path = catalog.resolve(model if model is not None else catalog.default_name())
+    term = Terminal.detect()
+    if term.interactive and not prepacked.is_written(path):
+        term.note("packing the weights for this CPU (once per model and machine)")
     loaded = edge_qwen.load(path, provider=provider, threads=threads)
     if loaded.chat_template is None:
         raise edge_qwen.PackageError(f"{path} has no chat template: chat with an Instruct model")
     session = loaded.chat(system, config, max_context=max_context, overflow=OVERFLOW)
-    term = Terminal.detect()
     if not term.interactive:
         ChatRepl(session, term, quiet).run()
         return

@@ -342,3 +342,14 @@ def test_real_chat_with_no_model_pulls_once_then_starts_at_once() -> None:
     second.expect(pexpect.EOF)
     second.close()
     assert second.exitstatus == 0
+
+
+def test_the_first_chat_on_a_machine_says_it_packs_the_weights(tiny_fp32: Path, tmp_path: Path) -> None:
+    notes = []
+    for _ in range(2):
+        child = spawn_chat(tiny_fp32, tmp_path)  # the same EDGE_QWEN_HOME both times
+        notes.append(child.before)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    assert "packing the weights for this CPU" in notes[0]
+    assert "packing the weights" not in notes[1]  # the second maps the copy the first wrote
