@@ -191,8 +191,8 @@ def run_benchmark(
     prompt = np.array([ids.randrange(model.config.vocab_size) for _ in range(prompt_tokens)], np.int64)
     _time_generation(model, prompt, WARMUP_DECODE_STEPS)  # arena growth and first-run costs
     runs = [_time_generation(model, prompt, gen_tokens) for _ in range(repetitions)]
-    peak_rss = peak_rss_bytes()  # before the probe's array raises the high-water mark
     after_runs = rss_kinds()
+    peak_rss = peak_rss_bytes()  # after: never below what was just read; before the probe's array
     providers = tuple(model.providers)
     del model  # a 3B model and the probe's array need not share a 4 GB board
     gc.collect()

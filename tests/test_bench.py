@@ -85,7 +85,9 @@ def test_bench_json_reports_every_field_with_sane_values(tiny_fp32: Path) -> Non
     assert d["file_rss_after_load_bytes"] > 0
     assert after_load <= d["peak_rss_bytes"]  # the high-water mark counts both kinds
     after_runs = d["anon_rss_after_runs_bytes"] + d["file_rss_after_runs_bytes"]
-    assert after_runs <= d["peak_rss_bytes"]
+    # Linux counts RSS per thread and folds the counts in every 64 page faults, so two reads of
+    # /proc/self/status a moment apart may disagree by that much (64 pages of 4 KB per thread).
+    assert after_runs <= d["peak_rss_bytes"] + 64 * 4096 * 8
 
     traffic = d["traffic"]
     data = (tiny_fp32 / "model.onnx.data").stat().st_size
