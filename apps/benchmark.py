@@ -22,8 +22,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import platform
 import random
 import resource
 import statistics
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edge_qwen.apps.machine import Machine, machine_info
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.config import QwenConfig
 from edge_qwen.engine import check_context
@@ -46,14 +45,12 @@ from edge_qwen.loader import load
 from edge_qwen.model import Model
 from edge_qwen.package import read_manifest
 from edge_qwen.prepacked import is_written
-from edge_qwen.providers import cpuinfo_text, physical_cores
+from edge_qwen.providers import physical_cores
 
 PROMPT_SEED = 0
 PROBE_BYTES = 512 << 20  # far past any cache: the probe reads memory, not L3
 PROBE_TRIALS = 5
 WARMUP_DECODE_STEPS = 2
-# CPU features that decide which int8/int4 kernels ONNX Runtime takes (see docs/performance.md).
-KERNEL_FEATURES = ("asimddp", "i8mm", "sve", "sme2", "avx2", "avx_vnni", "avx512_vnni", "amx_int8")
 # Initializer slots read one row per token (a lookup), not whole: op type -> input indices. For the
 # traffic count the rotary caches are lookups too (one position per token).
 GATHERED_INPUTS = {  # op type -> the inputs it reads a row per index of
@@ -61,8 +58,6 @@ GATHERED_INPUTS = {  # op type -> the inputs it reads a row per index of
     "GatherBlockQuantized": (0, 2, 3),  # data, scales, zero points
     "GroupQueryAttention": (7, 8),  # cos and sin caches
 }
-# /proc/cpuinfo on ARM names no model, only the core's part number (Arm Ltd, implementer 0x41).
-ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76"}
 
 
 @dataclass(frozen=True)
@@ -81,16 +76,6 @@ class Stat:
 
     def scaled(self, factor: float) -> Stat:
         return Stat(self.median * factor, self.min * factor, self.max * factor)
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where the numbers were measured."""
-
-    cpu: str
-    arch: str
-    logical_cores: int
-    features: tuple[str, ...]  # those of KERNEL_FEATURES this CPU has
 
 
 @dataclass(frozen=True)
@@ -391,26 +376,3 @@ def vm_hwm_bytes(proc_status: str) -> int | None:
 def package_size(root: Path) -> int:
     """Bytes of the package folder's files."""
     return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
-
-
-def machine_info() -> Machine:
-    """CPU name, architecture and the kernel-relevant features, from /proc/cpuinfo where there is one."""
-    cpu, features = parse_cpuinfo(cpuinfo_text())
-    return Machine(
-        cpu=cpu or platform.processor() or "unknown",
-        arch=platform.machine(),
-        logical_cores=os.cpu_count() or 1,
-        features=features,
-    )
-
-
-def parse_cpuinfo(text: str) -> tuple[str | None, tuple[str, ...]]:
-    """The CPU's name (x86 'model name', or the ARM core from its part number) and which of
-    KERNEL_FEATURES its flags list (x86 'flags', ARM 'Features': dotprod is 'asimddp')."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    cpu = fields.get("model name") or ARM_PARTS.get(fields.get("CPU part", ""))
-    return cpu, tuple(f for f in KERNEL_FEATURES if f in flags)

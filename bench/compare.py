@@ -45,7 +45,7 @@ from peers import (
     run_measured,
 )
 
-from edge_qwen.apps.benchmark import machine_info
+from edge_qwen.apps.machine import machine_info
 from edge_qwen.config import QwenConfig
 from edge_qwen.export import is_current, mark_current
 from edge_qwen.export.calibrate import cached_statistics

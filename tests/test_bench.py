@@ -23,11 +23,11 @@ from edge_qwen.apps.benchmark import (
     Stat,
     decode_traffic,
     package_size,
-    parse_cpuinfo,
     run_benchmark,
     vm_hwm_bytes,
     weight_bytes_per_token,
 )
+from edge_qwen.apps.machine import parse_cpuinfo
 from edge_qwen.cache import kv_bytes_per_token
 from edge_qwen.errors import ContextFullError
 from edge_qwen.package import read_manifest
