@@ -108,6 +108,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def home() -> Path:
+    """edge-qwen's cache folder: $EDGE_QWEN_HOME, or ~/.cache/edge-qwen (downloads, packages, and the
+    prepacked copies of packages for this machine)."""
+    configured = os.environ.get("EDGE_QWEN_HOME")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "edge-qwen"
+
+
 # ---- atomic writes: work folders and locks ------------------------------------------------------
 
 PARTIAL = ".partial"

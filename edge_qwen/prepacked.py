@@ -37,7 +37,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from edge_qwen.package import MANIFEST, exclusive, sha256, work_dir
+from edge_qwen.package import MANIFEST, exclusive, home, sha256, work_dir
 from edge_qwen.providers import cpuinfo_text
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,6 @@ SOURCE = "source.json"
 FOLDER = "prepacked"
 # Initializers at least this large go to DATA, page-aligned, to be mapped; smaller ones stay in the graph.
 EXTERNAL_MIN_BYTES = 1024
-
-
-def home() -> Path:
-    """edge-qwen's cache folder: $EDGE_QWEN_HOME, or ~/.cache/edge-qwen."""
-    configured = os.environ.get("EDGE_QWEN_HOME")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "edge-qwen"
 
 
 def cpu_signature(cpuinfo: str | None = None) -> str:

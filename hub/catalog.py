@@ -16,7 +16,6 @@ import errno
 import functools
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_qwen.errors import EdgeQwenError
 from edge_qwen.hub.sources import Source, SourceError, first_line, source_from_dict
-from edge_qwen.package import MANIFEST, exclusive, read_manifest
+from edge_qwen.package import MANIFEST, exclusive, home, read_manifest
 
 if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
     from edge_qwen.export.options import ExportOptions
@@ -114,12 +113,6 @@ def load_catalog() -> Catalog:
     """The catalog shipped with edge-qwen (hub/catalog.json)."""
     text = resources.files("edge_qwen.hub").joinpath("catalog.json").read_text(encoding="utf-8")
     return Catalog.from_dict(json.loads(text))
-
-
-def home() -> Path:
-    """The cache folder: $EDGE_QWEN_HOME, or ~/.cache/edge-qwen."""
-    configured = os.environ.get("EDGE_QWEN_HOME")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "edge-qwen"
 
 
 def package_dir(name: str, precision: str) -> Path:
