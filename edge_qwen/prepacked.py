@@ -99,9 +99,27 @@ def prepacked_model(package: Path, cache: Path | None = None) -> Path | None:
                 write(package, target, source)
                 remove_stale(root, source)
     except Exception as e:  # OSError, or ONNX Runtime's own error types (a full disk as it saves)
-        log.warning("could not keep %s's packed weights in %s (%s): loading without them", package, root, e)
+        log.warning("%s", _not_written(package, root, e))
         return None
     return target / MODEL
+
+
+def _not_written(package: Path, root: Path, error: Exception) -> str:
+    """One line: why the copy was not written, what the load does instead, and the fix."""
+    detail = " ".join(str(error).split())  # ONNX Runtime's messages span lines; their end says what failed
+    detail = detail if len(detail) <= 160 else "..." + detail[-157:]
+    needed = 2 * (package / DATA).stat().st_size  # the copy: the weights as exported and as packed
+    try:
+        free = shutil.disk_usage(root if root.is_dir() else root.parent).free
+    except OSError:
+        free = None
+    space = (
+        f"; it needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free" if free is not None else ""
+    )
+    return (
+        f"could not write the packed weights of {package} to {root} ({detail}{space}): loading without "
+        "them, which packs them at every load; free some disk space or set EDGE_QWEN_HOME to another disk"
+    )
 
 
 def copy_folder(package: Path, source: dict[str, Any] | None = None, cache: Path | None = None) -> Path:

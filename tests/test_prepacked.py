@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,31 @@ def test_a_tokenizer_that_does_not_parse_is_a_package_error(int4: Path, tmp_path
     (broken / "tokenizer.json").write_bytes(b"{" + b" " * (size - 1))  # same size: only a parse tells
     with pytest.raises(edge_qwen.PackageError, match=r"tokenizer.json does not parse.*re-export"):
         edge_qwen.load(broken)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KB file system (a tmpfs; needs root, as in CI), too small for any prepacked copy."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_gives_one_line_and_loads_without_the_copy(
+    int4: Path, full_disk: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("EDGE_QWEN_HOME", str(full_disk))
+    with caplog.at_level(logging.WARNING, logger="edge_qwen.prepacked"):
+        model = edge_qwen.load(int4)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in warning and "MB are free" in warning and "EDGE_QWEN_HOME" in warning
+    assert list((full_disk / prepacked.FOLDER).iterdir()) == []  # nothing half-written left behind
+    np.testing.assert_array_equal(logits(model), logits(edge_qwen.load(int4, prepack=False)))
