@@ -113,6 +113,16 @@ def info(model: Path | None, as_json: bool, providers: bool) -> None:
         _echo_providers()
 
 
+def _prepacked(model: Path) -> str:
+    """Where this machine keeps the package's weights as ONNX Runtime packs them, or when it will."""
+    from edge_qwen import prepacked
+
+    folder = prepacked.copy_folder(model)
+    if not prepacked.is_written(model):
+        return f"none yet on this machine: the first load writes it ({folder})"
+    return f"{folder} ({_size(folder) / 1e6:.0f} MB)"
+
+
 def _echo_package(model: Path) -> None:
     from edge_qwen.package import read_manifest
 
@@ -134,6 +144,7 @@ def _echo_package(model: Path) -> None:
     for name, meta in manifest.files.items():
         click.echo(f"  {name:<24} {meta['size'] / 1e6:>10.2f} MB")
     click.echo(f"  {'total':<24} {_size(model) / 1e6:>10.2f} MB")
+    click.echo(f"prepacked   {_prepacked(model)}")
     click.echo("operators")
     for op, count in sorted(raw.get("op_counts", {}).items(), key=lambda kv: -kv[1]):
         click.echo(f"  {op:<34} {count:>5}")

@@ -145,3 +145,18 @@ def test_info_providers(tiny_fp32: Path) -> None:
 def test_generate_beyond_the_context_is_a_one_line_error_naming_the_numbers(tiny_fp32: Path) -> None:
     result = run("generate", str(tiny_fp32), "hello", "--max-tokens", "5000")
     assert_one_line_error(result, "max_tokens (5000)", "> the context of 1024 tokens")
+
+
+def test_info_says_whether_this_machine_has_the_prepacked_copy(
+    tiny_fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_QWEN_HOME", str(tmp_path))  # the subprocesses inherit it
+    before = run("info", str(tiny_fp32))
+    assert before.returncode == 0, before.stderr
+    assert "none yet on this machine" in before.stdout
+    assert run("generate", str(tiny_fp32), "hi", "--max-tokens", "1").returncode == 0  # a load writes it
+    after = next(
+        line for line in run("info", str(tiny_fp32)).stdout.splitlines() if line.startswith("prepacked")
+    )
+    [copy] = (tmp_path / "prepacked").iterdir()
+    assert str(copy) in after and after.endswith(" MB)")
