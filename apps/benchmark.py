@@ -2,7 +2,7 @@
 
     load        edge_qwen.load, once per repetition (the last model is kept); a load that first
                 writes the package's prepacked copy for this machine (edge_qwen/prepacked.py) is
-                timed apart, as the first load, and one more load is timed in its place
+                timed apart, as the first load, in a process of its own
     warm-up     one untimed prefill + two decode steps
     per rep     fresh KV cache of prompt + gen positions
                 prefill = one Model.forward over a seeded random prompt
@@ -258,13 +258,8 @@ def _timed_load(root: Path, threads: int) -> tuple[Model, float]:
 
 def rss_kinds(status: Path = Path("/proc/self/status")) -> dict[str, int]:
     """This process's resident anonymous and file-backed bytes (RssAnon, RssFile); 0 where unknown."""
-    found = {"RssAnon": 0, "RssFile": 0}
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in found:
-                found[key] = int(value.split()[0]) * 1024  # the kernel reports kB
-    return found
+    found = status_bytes(status.read_text(), ("RssAnon", "RssFile")) if status.is_file() else {}
+    return {key: found.get(key, 0) for key in ("RssAnon", "RssFile")}
 
 
 def _time_generation(model: Model, prompt: np.ndarray, gen_tokens: int) -> _Timing:
@@ -366,11 +361,18 @@ def peak_rss_bytes() -> int:
 
 
 def vm_hwm_bytes(proc_status: str) -> int | None:
-    """The VmHWM line of a /proc/<pid>/status text, in bytes (the kernel reports kB)."""
+    """The VmHWM line of a /proc/<pid>/status text, in bytes."""
+    return status_bytes(proc_status, ("VmHWM",)).get("VmHWM")
+
+
+def status_bytes(proc_status: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The named lines of a /proc/<pid>/status text, in bytes (the kernel reports kB)."""
+    found = {}
     for line in proc_status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return None
+        key, _, value = line.partition(":")
+        if key in keys:
+            found[key] = int(value.split()[0]) * 1024
+    return found
 
 
 def package_size(root: Path) -> int:

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_qwen.apps.benchmark import package_size
+from edge_qwen.apps.benchmark import package_size, status_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -100,8 +100,8 @@ def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT, env: dict[str, st
         status = Path(f"/proc/{proc.pid}/status")
         while not stop.is_set():
             with contextlib.suppress(OSError):  # once it has exited there is nothing to read
-                for key, value in status_kb(status.read_text(), tuple(peak)).items():
-                    peak[key] = max(peak[key], value * 1024)
+                for key, value in status_bytes(status.read_text(), tuple(peak)).items():
+                    peak[key] = max(peak[key], value)
             stop.wait(RSS_POLL_SECONDS)
 
     watcher = threading.Thread(target=watch)
@@ -117,16 +117,6 @@ def run_measured(cmd: list[str], timeout: float = RUN_TIMEOUT, env: dict[str, st
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} exited with {proc.returncode}: {_tail(stderr)}")
     return Finished(stdout, peak["VmHWM"], peak["RssAnon"], peak["RssFile"])
-
-
-def status_kb(proc_status: str, keys: tuple[str, ...]) -> dict[str, int]:
-    """The named kB lines of a /proc/<pid>/status text."""
-    found = {}
-    for line in proc_status.splitlines():
-        key, _, value = line.partition(":")
-        if key in keys:
-            found[key] = int(value.split()[0])
-    return found
 
 
 def _tail(text: str, lines: int = 5) -> str:
