@@ -1,9 +1,8 @@
-"""Shared fixtures: tiny random Qwen2 checkpoints saved with transformers, their exports, and the catalog
+"""Shared fixtures: tiny random Qwen2 checkpoints (tests/tiny.py), their exports, and the catalog
 tests' tiny GGUF, fake PyPI and empty cache."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,75 +11,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.tiny import make_tiny_checkpoint
+
 if TYPE_CHECKING:
     from tests.fake_pypi import FakePypi
-
-VOCAB = 512
 
 
 @dataclass(frozen=True)
 class TinyModel:
     hf_dir: Path  # a Hugging Face folder (config.json, model.safetensors, tokenizer files)
     tied: bool
-
-
-def _tiny_tokenizer(out: Path) -> None:
-    """A byte-level BPE tokenizer with Qwen's special tokens, trained on a little text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - 8,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = ["The capital of France is Paris. 巴黎是法国的首都。 def f(x):\n    return x * 2\n"] * 20
-    tok.train_from_iterator(text, trainer)
-    tok.save(str(out / "tokenizer.json"))
-    template = (
-        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "bos_token": None,
-        "chat_template": template,
-        "model_max_length": 1024,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-
-
-def make_tiny_checkpoint(out: Path, tied: bool, seed: int) -> Path:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        rope_theta=123456.0,
-        tie_word_embeddings=tied,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # random init has tiny biases and unit norms: make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(out, safe_serialization=True)
-    _tiny_tokenizer(out)
-    return out
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -101,7 +41,7 @@ def edge_qwen_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     tied = bool(request.param)
     out = tmp_path_factory.mktemp("tied" if tied else "untied")
-    return TinyModel(make_tiny_checkpoint(out / "hf", tied, seed=1 if tied else 2), tied)
+    return TinyModel(make_tiny_checkpoint(out / "hf", tied, seed=1 if tied else 3), tied)
 
 
 def export_tiny(hf_dir: Path, out: Path, **options: object) -> Path:
