@@ -15,9 +15,16 @@ from edge_qwen.hub import catalog
     is_flag=True,
     help="Export again even when the package is cached (a download is reused when its checksum verifies).",
 )
-def pull(name: str, precision: str, force: bool) -> None:
+@click.option(
+    "--target-cpu",
+    type=click.Choice(["auto", "x86", "a76", "a72"]),
+    default="auto",
+    show_default=True,
+    help="The CPU the package is for (see `edge-qwen export --help`).",
+)
+def pull(name: str, precision: str, force: bool, target_cpu: str) -> None:
     """Fetch catalog model NAME, export it with the default recipe and cache it; prints its folder."""
-    click.echo(catalog.pull(name, precision, force=force))
+    click.echo(catalog.pull(name, precision, force=force, target_cpu=target_cpu))
 
 
 @click.command()

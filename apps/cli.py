@@ -136,6 +136,11 @@ def _echo_package(model: Path) -> None:
         f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embeddings"
     )
     click.echo(f"precision   {manifest.precision}")
+    quantization = raw.get("quantization") or {}
+    if quantization.get("recipe"):
+        parts = {k: v for k, v in quantization["recipe"].items() if v}
+        click.echo(f"recipe      {'; '.join(f'{k}: {v}' for k, v in parts.items())}")
+        click.echo(f"target cpu  {quantization.get('target_cpu', 'any (not recorded)')}")
     click.echo(f"context     {manifest.max_context} tokens, logits: {manifest.logits}")
     click.echo(f"stop ids    {', '.join(map(str, manifest.stop_token_ids))}")
     click.echo(f"source      {raw['source']['path']} (sha256 {raw['source']['sha256'][:16]}...)")
@@ -153,18 +158,27 @@ def _echo_package(model: Path) -> None:
 def _providers_info() -> dict[str, Any]:
     import onnxruntime as ort
 
+    from edge_qwen.apps.kernels import kernel_paths
+    from edge_qwen.apps.machine import machine_info
+    from edge_qwen.export.targets import this_cpu
     from edge_qwen.providers import PROVIDERS, available_providers, physical_cores, short_name
 
     available = available_providers()
+    machine = machine_info()
     return {
         "onnxruntime": ort.__version__,
         "available": [{"name": name, "short_name": short_name(name)} for name in available],
         "missing": [short for short, name in PROVIDERS.items() if name not in available],
         "default_threads": physical_cores(),
+        "cpu": {"name": machine.cpu, "arch": machine.arch, "features": list(machine.features)},
+        "target_cpu": this_cpu(),
+        "matmul_nbits": {p.kind: {"decode": p.decode, "prefill": p.prefill} for p in kernel_paths()},
     }
 
 
 def _echo_providers() -> None:
+    from edge_qwen.apps.kernels import KernelPath
+
     found = _providers_info()
     click.echo(
         f"providers   onnxruntime {found['onnxruntime']}, {found['default_threads']} threads by default"
@@ -173,6 +187,12 @@ def _echo_providers() -> None:
         click.echo(f"  {provider['short_name'] or '-':<10} {provider['name']}")
     if found["missing"]:
         click.echo(f"  not in this onnxruntime: {', '.join(found['missing'])} (they fall back to cpu)")
+    cpu = found["cpu"]
+    click.echo(f"cpu         {cpu['name']} ({cpu['arch']}), export target {found['target_cpu']}")
+    click.echo(f"  features  {' '.join(cpu['features']) or 'none of those the kernels use'}")
+    click.echo("MatMulNBits kernels on this CPU, by weight kind (found by running each):")
+    for kind, path in found["matmul_nbits"].items():
+        click.echo(f"  {kind:<16} {KernelPath(kind, **path).describe()}")
 
 
 cli.add_command(chat)

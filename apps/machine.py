@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from edge_qwen.providers import cpuinfo_text
 
 # CPU features that decide which int8/int4 kernels ONNX Runtime takes (see docs/performance.md).
-KERNEL_FEATURES = ("asimddp", "i8mm", "sve", "sme2", "avx2", "avx_vnni", "avx512_vnni", "amx_int8")
+KERNEL_FEATURES = (
+    *("asimddp", "i8mm", "fphp", "asimdhp", "bf16", "sve", "sme2"),  # ARM ('fphp': half-precision math)
+    *("avx2", "avx_vnni", "avx512_vnni", "amx_int8"),  # x86
+)
 # /proc/cpuinfo on ARM names no model, only the core's part number (Arm Ltd, implementer 0x41).
 ARM_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd08": "Cortex-A72", "0xd0b": "Cortex-A76"}
 

@@ -76,6 +76,14 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     show_default=True,
     help="Default logits: the last position (generation) or all (evaluation).",
 )
+@click.option(
+    "--target-cpu",
+    type=click.Choice(["auto", "x86", "a76", "a72"]),
+    default="auto",
+    show_default=True,
+    help="The CPU the package is for: auto is this machine's; a72 (Raspberry Pi 4, no dot products) "
+    "refuses int8 weights, which run a float32 fallback there (docs/arm64.md).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(
     source: str,
@@ -90,6 +98,7 @@ def export(
     mixed: bool | None,
     max_context: int | None,
     logits: str,
+    target_cpu: str,
     overwrite: bool,
 ) -> None:
     """Export a Qwen2 checkpoint (Hugging Face folder or .gguf file) to a model package OUT."""
@@ -112,6 +121,7 @@ def export(
         default_options(precision),
         max_context=max_context,
         logits=logits,
+        target_cpu=target_cpu,
         **{k: v for k, v in given.items() if v is not None},
     )
     ckpt = read_checkpoint(source)

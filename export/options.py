@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from edge_qwen.config import QwenConfig
+from edge_qwen.export import targets
 from edge_qwen.export.recipe import Recipe, make_recipe
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -28,6 +29,7 @@ class ExportOptions:
     mixed: bool = True  # int4 only: sensitive tensors at int8
     block_sizes: tuple[tuple[str, int], ...] = ()  # (weight, block size) off block_size (recipe.py)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute, the fast path on ARM dotprod and x86 VNNI
+    target_cpu: str = targets.ANY  # x86, a76, a72 (export/targets.py); "auto" resolves to this machine
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -38,7 +40,9 @@ class ExportOptions:
             raise ValueError(f"max_context must be >= 16, got {self.max_context}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
-        _ = self.recipe  # validates block size, algo and per-tensor precisions before any work starts
+        recipe = self.recipe  # validates block size, algo and per-tensor precisions before any work starts
+        object.__setattr__(self, "target_cpu", targets.resolve(self.target_cpu))
+        targets.check(self.target_cpu, recipe.int8_matrices())
 
     @property
     def recipe(self) -> Recipe:

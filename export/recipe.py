@@ -67,6 +67,11 @@ class Recipe:
         block = dict(self.body_blocks).get(weight)
         return self.body if block is None else replace(self.body, block_size=block)
 
+    def int8_matrices(self) -> list[str]:
+        """The parts whose MatMulNBits weights are 8-bit (the embedding table is gathered, not multiplied)."""
+        parts = [("body", self.body), ("lm_head", self.lm_head), ("sensitive tensors", self.sensitive)]
+        return [name for name, scheme in parts if scheme is not None and scheme.dtype == "int8"]
+
     def to_dict(self) -> dict[str, str | None]:
         out = {
             "body": self.body.describe(),

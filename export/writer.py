@@ -114,6 +114,7 @@ def _write_contents(
             "quantization": {
                 "recipe": opts.recipe_for(ckpt.config).to_dict(),
                 "accuracy_level": opts.accuracy_level,
+                "target_cpu": opts.target_cpu,
                 "calibration": calibration_record(calibration_text) if calibration_text else None,
             },
             "max_context": opts.max_context,

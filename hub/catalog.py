@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,15 +177,17 @@ def pull(
     force: bool = False,
     progress: bool = True,
     catalog: Catalog | None = None,
+    target_cpu: str = "auto",
 ) -> Path:
-    """Fetch catalog model `name`, export it with the default recipe for `precision`, cache it.
+    """Fetch catalog model `name`, export it with the default recipe for `precision` and `target_cpu`
+    (export/targets.py: "auto" is this machine's), cache it.
 
     Returns the cached package at once when it exists (unless `force`). Sources are tried in the
     catalog's order; each failure is logged as one line and the next source is tried. When all fail,
     CatalogError names every source's reason. Nothing half-written is left in the cache.
     """
     entry = (catalog or load_catalog()).get(name)
-    opts = _default_options(precision)  # a bad precision fails before any download
+    opts = _default_options(precision, target_cpu)  # bad options fail before any download
     out = package_dir(entry.name, precision)
     if _is_package(out) and not force:
         return out
@@ -212,14 +214,14 @@ def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bo
     raise CatalogError(f"could not pull {entry.name}: {'; '.join(reasons)}")
 
 
-def _default_options(precision: str) -> ExportOptions:
+def _default_options(precision: str, target_cpu: str) -> ExportOptions:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         from edge_qwen.export.options import default_options
     except ImportError as e:
         raise CatalogError(f"pulling a model needs the exporter, which cannot be imported ({e})") from None
-    return default_options(precision)
+    return replace(default_options(precision), target_cpu=target_cpu)
 
 
 def _export(checkpoint: Path, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:
