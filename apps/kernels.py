@@ -1,9 +1,9 @@
 """Which MatMulNBits kernel ONNX Runtime runs on this CPU for each kind of quantized weight, found by
 running one small MatMulNBits of each kind rather than guessed from the CPU's feature flags.
 
-The kinds differ in what ONNX Runtime's CPU kernels (MLAS, and KleidiAI on ARM) accept: KleidiAI's
-int4 kernels take only symmetric weights, and the int8-activation kernels need dot-product instructions
-(x86 VNNI/AVX2, ARM `asimddp`). What one run shows, and how:
+The kinds differ in what ONNX Runtime's CPU kernels (MLAS, and KleidiAI on ARM) accept, and the
+int8-activation kernels need dot-product instructions (x86 AVX2/VNNI, ARM `asimddp`). docs/arm64.md
+has what each CPU ran. What one run shows, and how:
 
 - `unpacked fp32`: the weights are dequantized to float32 at every call, then multiplied. ONNX Runtime
   says so in its log at INFO level, which the probe reads.

@@ -42,8 +42,8 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 @click.option(
     "--symmetric/--asymmetric",
     default=None,
-    help="Symmetric weights (no zero points) take ONNX Runtime's fastest ARM kernels (KleidiAI) "
-    "[default: the precision's recipe].",
+    help="Symmetric weights (no zero points): 2% smaller, 40-50% more KL divergence, and the same "
+    "kernels as asymmetric ones in onnxruntime 1.32 (docs/arm64.md) [default: the precision's recipe].",
 )
 @click.option(
     "--embeddings",

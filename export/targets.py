@@ -4,8 +4,9 @@ Which MatMulNBits kernel ONNX Runtime runs depends on the CPU (`edge-qwen info -
 by running one; docs/arm64.md has the table per CPU):
 
 - x86: 4-bit and 8-bit weights both run int8-activation kernels (AVX2, AVX-512 VNNI).
-- a76, an ARM core with dot products (`asimddp`: Raspberry Pi 5's Cortex-A76, most phones): the same,
-  and symmetric 4-bit weights run KleidiAI's kernels.
+- a76, an ARM core with dot products (`asimddp`: Raspberry Pi 5's Cortex-A76, most phones): 4-bit
+  weights, with zero points or without, run KleidiAI's int8-activation kernels (onnxruntime 1.32), and
+  8-bit weights MLAS's.
 - a72, an ARM core without them (Raspberry Pi 4's Cortex-A72): 4-bit weights run a float32 kernel, and
   8-bit weights are dequantized to float32 at every call. A package for it holds no int8 matrix.
 
@@ -51,5 +52,5 @@ def check(target: str, int8_matrices: list[str]) -> None:
         raise ValueError(
             f"int8 {', '.join(int8_matrices)} would run a float32 fallback on the a72 target (no dot "
             "products: ONNX Runtime dequantizes int8 weights at every call); export int4 with an int4 "
-            "lm_head and no --mixed, or fp32"
+            "lm_head and no --mixed, or fp32, or name another --target-cpu"
         )

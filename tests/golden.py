@@ -3,6 +3,7 @@ tests/data/golden.npz so that machines without torch (the arm64 check) compare a
 
     python -m tests.golden                 # rewrite tests/data/golden.npz (needs torch, transformers)
     python -m tests.golden --export DIR    # export the packages the arm64 check loads, into DIR
+    python -m tests.golden --measure DIR   # their max |logit error| and KLD against the golden file
 
 tests/test_golden.py checks, where transformers is installed, that the file still is what transformers
 computes, so it cannot go stale.
@@ -87,13 +88,57 @@ def export_packages(out: Path) -> None:
     print(f"exported {len(MODELS) * len(PACKAGES)} packages into {out}")
 
 
+def initializers(package: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(package / "model.onnx"))  # its data file beside it
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def differences(a: Path, b: Path) -> dict[str, float]:
+    """Per initializer that differs, the share of its elements that do: quantized codes (each 4-bit
+    code on its own), or floats by more than 1e-5 relative (ulps apart is the same number here)."""
+    x, y = initializers(a), initializers(b)
+    assert x.keys() == y.keys() and all(x[k].shape == y[k].shape and x[k].dtype == y[k].dtype for k in x)
+    out = {}
+    for name in x:
+        u, v = x[name], y[name]
+        if np.array_equal(u, v):
+            continue
+        if u.dtype == np.uint8:
+            if "q4" in name or ("zero_points" in name and f"{name.rsplit('_', 1)[0]}_q8" not in x):
+                u, v = np.stack([u & 15, u >> 4]), np.stack([v & 15, v >> 4])
+            out[name] = float((u != v).mean())
+        else:
+            rel = np.abs(u - v) / np.maximum(np.abs(u), np.finfo(np.float32).tiny)
+            out[name] = float((rel > 1e-5).mean())
+    return out
+
+
+def measure(packages: Path) -> None:
+    """Print each package's distance from transformers' logits on this CPU (docs/arm64.md's table)."""
+    from tests.test_golden import kld, run
+
+    golden = load_golden()
+    for name in MODELS:
+        for package in PACKAGES:
+            logits, _ = run(packages / name / package)
+            ref = golden[name]["logits"]
+            worst = float(np.abs(logits - ref).max())
+            print(f"{name:7s} {package:9s} max |error| {worst:.2e}  KLD {kld(ref, logits):.2e}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--export", type=Path, metavar="DIR", help="export the arm64 check's packages")
+    parser.add_argument("--measure", type=Path, metavar="DIR", help="measure packages against the file")
     args = parser.parse_args()
     if args.export:
         export_packages(args.export)
+    elif args.measure:
+        measure(args.measure)
     else:
         write_golden()

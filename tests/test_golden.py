@@ -15,17 +15,38 @@ import pytest
 
 import edge_qwen
 from tests.conftest import export_tiny
-from tests.golden import CONTINUATION, MODELS, PACKAGES, PROMPT, checkpoint, load_golden, stop_ids
+from tests.golden import (
+    CONTINUATION,
+    MODELS,
+    PACKAGES,
+    PROMPT,
+    checkpoint,
+    differences,
+    load_golden,
+    stop_ids,
+)
 
-# Largest |logit - transformers' fp32 logit| and mean KL divergence allowed, per package. fp32 is the
-# parity bound. The quantized bounds are about twice the worst measured on any CPU (docs/arm64.md has
-# the figures per CPU: x86 and the A76 compute int8 activations, the A72 computes in float32).
+# Largest |logit - transformers' fp32 logit| and mean KL divergence allowed, per package. fp32's is
+# the parity bound. The quantized bounds are about twice the worst measured on x86 (AMD EPYC), an
+# emulated Cortex-A72 (float32 compute) and an emulated Cortex-A76 (int8 compute), docs/arm64.md:
+# int8 8.2e-3 / 2.3e-6, int4 5.6e-2 / 1.1e-4, int4-sym 4.8e-2 / 9.5e-5.
 BOUNDS = {
     "fp32": (1e-4, 1e-8),
-    "int8": (0.02, 2e-5),
-    "int4": (0.15, 1e-3),
-    "int4-sym": (0.15, 1e-3),
+    "int8": (0.02, 5e-6),
+    "int4": (0.12, 2.5e-4),
+    "int4-sym": (0.1, 2e-4),
 }
+MAX_OTHER_BLOCKS = 0.05  # the share of a quantized tensor that may differ between CPUs' exports
+
+
+def graph_nodes(package: Path) -> list[bytes]:
+    """The graph's nodes as bytes: what must not differ, whichever onnx version wrote the file."""
+    import onnx
+
+    return [
+        n.SerializeToString()
+        for n in onnx.load(str(package / "model.onnx"), load_external_data=False).graph.node
+    ]
 
 
 def kld(ref: np.ndarray, ours: np.ndarray) -> float:
@@ -100,5 +121,11 @@ def test_x86_export_loads_here_and_matches(
     x86 = Path(str(X86)) / name / kind
     check(x86, kind, golden[name])
     here = export_tiny(hf, tmp_path / kind, **PACKAGES[kind])  # type: ignore[arg-type]
-    for file in ("model.onnx", "model.onnx.data"):
-        assert (here / file).read_bytes() == (x86 / file).read_bytes(), f"{kind} {file} differs from x86's"
+    assert graph_nodes(here) == graph_nodes(x86), f"{kind}: the graph differs from x86's"
+    if kind == "fp32":
+        assert (here / "model.onnx.data").read_bytes() == (x86 / "model.onnx.data").read_bytes()
+    # Quantized: the exporter's search for each block's scale compares candidates whose errors can tie
+    # to within float rounding, which the two CPUs' numpy builds round differently; so a few blocks
+    # take another, equally good grid (measured: at most 3.1% of a tensor's, docs/arm64.md).
+    for name, share in differences(here, x86).items():
+        assert share <= MAX_OTHER_BLOCKS, f"{kind} {name}: {share:.1%} of it differs from x86's export"
