@@ -265,8 +265,10 @@ correction, and before that MLAS's own NEON dotprod kernel (`sqnbitgemm_kernel_n
 could not tie the installed ONNX Runtime to a commit of those files (its wheel reports commit \
 fab30a4); on an A76 every variant runs int8 dot products either way. KleidiAI is compiled in only \
 with `onnxruntime_USE_KLEIDIAI` (`tools/ci_build/build.py` sets it for Android arm64, Windows on Arm \
-and hosts whose `platform.machine()` says arm64); whether a given Linux aarch64 wheel has it we \
-could not check here. Without it the A76 takes MLAS's own dotprod kernels, still int8 compute.
+and hosts whose `platform.machine()` says arm64). PyPI's Linux aarch64 wheel of onnxruntime 1.32.0 \
+has it: on an emulated Cortex-A76, 4-bit MatMulNBits with zero points and without both give another \
+output with the session option `mlas.disable_kleidiai` ([arm64.md](arm64.md)). Without it the A76 \
+takes MLAS's own dotprod kernels, still int8 compute.
 """
 
 PI4_TEXT = """\

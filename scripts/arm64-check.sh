@@ -34,7 +34,7 @@ tiny() {
       say "$cpu: tests were skipped; on arm64 every one must run"; exit 1
     fi
     say "$cpu: passed; the x86 packages' distance from transformers on this core:"
-    scripts/arm64.sh "$cpu" -- python3 -m tests.golden --measure "$packages"
+    scripts/arm64.sh "$cpu" -- env EDGE_QWEN_HOME="$packages/home" python3 -m tests.golden --measure "$packages"
   done
 }
 
