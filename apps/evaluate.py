@@ -21,17 +21,20 @@ from edge_qwen.quant.metrics import QualityAccumulator, log_softmax
 from edge_qwen.quant.texts import Text, load_text
 
 
-def chunk_ids(model: Model, text: Text, ctx: int, max_chunks: int) -> list[np.ndarray]:
-    """Non-overlapping chunks of ctx token ids (at most max_chunks)."""
+def chunk_ids(model: Model, text: Text, ctx: int, max_chunks: int, spread: bool = False) -> list[np.ndarray]:
+    """Non-overlapping chunks of ctx token ids (at most max_chunks): the first ones, or, with `spread`,
+    ones spaced evenly over the whole text (a domain of several documents is sampled from each)."""
     if ctx < 16:
         raise ValueError(f"ctx must be >= 16, got {ctx}")
     if ctx > model.manifest.max_context:
         raise ValueError(f"ctx {ctx} exceeds the package's max context {model.manifest.max_context}")
     ids = np.asarray(model.tokenizer.encode(text.text, add_special_tokens=False).ids, dtype=np.int64)
-    n = min(max_chunks, ids.size // ctx)
+    total = ids.size // ctx
+    n = min(max_chunks, total)
     if n == 0:
         raise ValueError(f"text {text.name!r} has {ids.size} tokens, fewer than one chunk of {ctx}")
-    return [ids[i * ctx : (i + 1) * ctx] for i in range(n)]
+    starts = np.linspace(0, total - 1, n).round().astype(int) if spread else np.arange(n)
+    return [ids[i * ctx : (i + 1) * ctx] for i in starts]
 
 
 class Decoder(Protocol):
@@ -92,6 +95,37 @@ def evaluate(
         "chunks": len(chunks),
         "text": text.describe(),
         **acc.report().to_dict(),
+    }
+
+
+def evaluate_suite(
+    model_path: Path,
+    reference_path: Path,
+    domains: tuple[str, ...] | None = None,
+    ctx: int = 512,
+    max_chunks: int = 16,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """evaluate() on each domain of the held-out suite (edge_qwen.quant.suite), and their macro average."""
+    from edge_qwen.quant import suite
+
+    model, reference = edge_qwen.load(model_path), edge_qwen.load(reference_path)
+    reports = {}
+    for name in domains or suite.DOMAINS:
+        text = suite.domain_text(name)
+        chunks = chunk_ids(reference, text, ctx, max_chunks, spread=True)
+        acc = QualityAccumulator()
+        for chunk in tqdm(chunks, desc=f"eval {name}", unit="chunk", disable=not show_progress):
+            acc.add(log_softmax(scored_logits(reference, chunk)), scored_logits(model, chunk), targets(chunk))
+        reports[name] = {"chunks": len(chunks), "text": text.describe(), **acc.report().to_dict()}
+    keys = ("mean_kld", "top1_agreement", "ppl_ratio")
+    macro = {k: float(np.mean([r[k] for r in reports.values()])) for k in keys}
+    return {
+        "model": str(model_path),
+        "reference": str(reference_path),
+        "ctx": ctx,
+        "domains": reports,
+        "macro": macro,
     }
 
 

@@ -153,7 +153,9 @@ def _block_sizes(specs: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     "text_spec",
     default="code",
     show_default=True,
-    help="'code' or 'prose' (built-in, from Python's standard library) or a UTF-8 file.",
+    help="'code' or 'prose' (built-in, from Python's standard library), a UTF-8 file, 'suite' (every "
+    "domain of the held-out suite, docs/quality.md) or one of its domains (code, en-tech, en-legal, "
+    "en-fiction, chat, zh, es, de).",
 )
 @click.option(
     "--ctx", type=int, default=512, show_default=True, help="Tokens per chunk; the second half is scored."
@@ -164,8 +166,23 @@ def _block_sizes(specs: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate_cmd(model: Path, reference: Path, text_spec: str, ctx: int, chunks: int, as_json: bool) -> None:
     """KL divergence, top-1 agreement and perplexity of MODEL against --reference."""
-    from edge_qwen.apps.evaluate import evaluate
+    from edge_qwen.apps.evaluate import evaluate, evaluate_suite
+    from edge_qwen.quant.suite import DOMAINS
 
+    if text_spec == "suite" or text_spec in DOMAINS:
+        domains = DOMAINS if text_spec == "suite" else (text_spec,)
+        found = evaluate_suite(model, reference, domains, ctx, chunks)
+        if as_json:
+            click.echo(json.dumps(found, indent=2))
+            return
+        click.echo(f"{'domain':<12} {'tokens':>7} {'mean KLD':>9} {'top-1':>7} {'ppl':>8}")
+        for name, r in [*found["domains"].items(), ("macro", {**found["macro"], "tokens_scored": None})]:
+            tokens = "" if r["tokens_scored"] is None else r["tokens_scored"]
+            click.echo(
+                f"{name:<12} {tokens:>7} {r['mean_kld']:>9.5f} {100 * r['top1_agreement']:>6.2f}% "
+                f"{100 * (r['ppl_ratio'] - 1):>+7.2f}%"
+            )
+        return
     report = evaluate(model, reference, text_spec, ctx, chunks)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -1,0 +1,77 @@
+"""The held-out evaluation suite and the calibration mix (edge_qwen.quant.suite): pinned, and disjoint.
+
+The texts come from Debian's package mirror (cached under EDGE_QWEN_TEXTS, ~46 MB, fetched once).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from edge_qwen.quant import suite
+from edge_qwen.quant.texts import builtin_text
+
+WINDOW = 64  # tokens
+
+
+def words(text: str) -> list[str]:
+    """A tokenizer-free token stream: words, each CJK character, and each other symbol."""
+    return re.findall(
+        r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]|[^\W\u3040-\u30ff\u3400-\u9fff]+|[^\w\s]", text
+    )
+
+
+def windows(text: str) -> set[int]:
+    tokens = words(text)
+    return {hash(tuple(tokens[i : i + WINDOW])) for i in range(max(0, len(tokens) - WINDOW + 1))}
+
+
+@pytest.fixture(scope="module")
+def calibration_windows() -> set[int]:
+    found: set[int] = set()
+    for parts in suite.calibration_parts().values():
+        for _, text in parts:
+            found |= windows(text)
+    found |= windows(builtin_text("calibration").text)
+    return found
+
+
+@pytest.mark.parametrize("domain", suite.DOMAINS)
+def test_no_evaluation_window_is_in_the_calibration_texts(domain: str, calibration_windows: set[int]) -> None:
+    text = suite.domain_text(domain)
+    shared = windows(text.text) & calibration_windows
+    assert not shared, f"{domain}: {len(shared)} windows of {WINDOW} tokens are also calibration text"
+    assert len(words(text.text)) > 16 * 512 // 2  # enough text for 16 chunks of 512 model tokens
+
+
+def test_the_check_sees_an_overlap() -> None:
+    """The window check itself: a calibration text that quotes 64 tokens of an evaluation text."""
+    evaluation = suite.domain_text("en-legal").text
+    quoted = " ".join(words(evaluation)[1000 : 1000 + WINDOW])
+    assert windows(evaluation) & windows("Some other text. " + quoted + " And more.")
+
+
+def test_a_package_that_is_not_the_pinned_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = suite.fetch(suite.FAQ_ZH)
+    monkeypatch.setenv("EDGE_QWEN_TEXTS", str(tmp_path))
+    copy = tmp_path / suite.FAQ_ZH.name
+    copy.write_bytes(real.read_bytes()[:-1] + b"\0")  # the same size, one byte changed
+    with pytest.raises(ValueError, match="not the pinned"):
+        suite.fetch(suite.FAQ_ZH)
+
+
+def test_faq_pages_become_chat_turns() -> None:
+    html = (
+        b'<html><head><title>t</title></head><body><h2 class="title">1.1. What is this FAQ?</h2>'
+        b"<p>A list of\n questions.</p><p>With answers.</p><h2>1.2. Credits</h2><p>People.</p>"
+        b"<h3>2.3. Why not?</h3><p>Because.</p></body></html>"
+    )
+    turns = suite.faq_turns(html)
+    assert turns == [("What is this FAQ?", "A list of questions.\n\nWith answers."), ("Why not?", "Because.")]
+    chat = suite.chat_transcript(turns)
+    assert chat.count("<|im_start|>user\n") == 2 and chat.count("<|im_start|>system\n") == 1
+    assert "<|im_start|>assistant\nBecause.<|im_end|>\n" in chat
