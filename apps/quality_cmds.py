@@ -154,8 +154,8 @@ def _block_sizes(specs: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     default="code",
     show_default=True,
     help="'code' or 'prose' (built-in, from Python's standard library), a UTF-8 file, 'suite' (every "
-    "domain of the held-out suite, docs/quality.md) or one of its domains (code, en-tech, en-legal, "
-    "en-fiction, chat, zh, es, de).",
+    "domain of the held-out suite, docs/quality.md) or some of them: suite:zh,es (code, en-tech, "
+    "en-legal, en-fiction, chat, zh, es, de).",
 )
 @click.option(
     "--ctx", type=int, default=512, show_default=True, help="Tokens per chunk; the second half is scored."
@@ -169,8 +169,8 @@ def evaluate_cmd(model: Path, reference: Path, text_spec: str, ctx: int, chunks:
     from edge_qwen.apps.evaluate import evaluate, evaluate_suite
     from edge_qwen.quant.suite import DOMAINS
 
-    if text_spec == "suite" or text_spec in DOMAINS:
-        domains = DOMAINS if text_spec == "suite" else (text_spec,)
+    if text_spec == "suite" or text_spec.startswith("suite:"):
+        domains = DOMAINS if text_spec == "suite" else tuple(text_spec.split(":", 1)[1].split(","))
         found = evaluate_suite(model, reference, domains, ctx, chunks)
         if as_json:
             click.echo(json.dumps(found, indent=2))

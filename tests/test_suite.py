@@ -5,6 +5,7 @@ The texts come from Debian's package mirror (cached under EDGE_QWEN_TEXTS, ~46 M
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -75,3 +76,19 @@ def test_faq_pages_become_chat_turns() -> None:
     chat = suite.chat_transcript(turns)
     assert chat.count("<|im_start|>user\n") == 2 and chat.count("<|im_start|>system\n") == 1
     assert "<|im_start|>assistant\nBecause.<|im_end|>\n" in chat
+
+
+def test_eval_reports_each_domain_and_the_macro_average(tiny_fp32: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_qwen.apps.cli import cli
+
+    args = ["eval", str(tiny_fp32), "--reference", str(tiny_fp32), "--ctx", "64", "--chunks", "2", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--text", "suite:en-legal,zh"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report["domains"]) == ["en-legal", "zh"]
+    assert all(r["tokens_scored"] == 2 * 31 and r["mean_kld"] == 0.0 for r in report["domains"].values())
+    assert report["macro"]["top1_agreement"] == 1.0
+    bad = CliRunner().invoke(cli, [*args, "--text", "suite:klingon"])
+    assert bad.exit_code != 0 and "unknown domain 'klingon'" in str(bad.exception)
