@@ -77,6 +77,13 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     help="Default logits: the last position (generation) or all (evaluation).",
 )
 @click.option(
+    "--calibration",
+    type=click.Choice(["builtin", "suite"]),
+    default=None,
+    help="Calibration text of imatrix and gptq: builtin (Python's code and docs) or suite (code, "
+    "English, Chinese, Spanish, German and chat from Debian's documentation) [default: builtin].",
+)
+@click.option(
     "--target-cpu",
     type=click.Choice(["auto", "x86", "a76", "a72"]),
     default="auto",
@@ -98,6 +105,7 @@ def export(
     mixed: bool | None,
     max_context: int | None,
     logits: str,
+    calibration: str | None,
     target_cpu: str,
     overwrite: bool,
 ) -> None:
@@ -116,6 +124,7 @@ def export(
         "embeddings": embeddings,
         "lm_head": lm_head,
         "mixed": mixed,
+        "calibration": calibration,
     }
     opts = replace(
         default_options(precision),

@@ -12,6 +12,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LOGITS = ("last", "all")
 DEFAULT_MAX_CONTEXT = 4096
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+CALIBRATIONS = ("builtin", "suite")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ExportOptions:
     mixed: bool = True  # int4 only: sensitive tensors at int8
     block_sizes: tuple[tuple[str, int], ...] = ()  # (weight, block size) off block_size (recipe.py)
     accuracy_level: int = 4  # MatMulNBits: 4 = int8 compute, the fast path on ARM dotprod and x86 VNNI
+    calibration: str = "builtin"  # builtin: Python's code and docs; suite: quant/suite.py's mix
     target_cpu: str = targets.ANY  # x86, a76, a72 (export/targets.py); "auto" resolves to this machine
 
     def __post_init__(self) -> None:
@@ -38,6 +40,10 @@ class ExportOptions:
             raise ValueError(f"logits must be 'last' or 'all', got {self.logits!r}")
         if self.max_context is not None and self.max_context < 16:
             raise ValueError(f"max_context must be >= 16, got {self.max_context}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"
+            )
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         recipe = self.recipe  # validates block size, algo and per-tensor precisions before any work starts

@@ -56,7 +56,7 @@ def write_package(
     tmp = work_dir(out.parent, out.name)
     tmp.chmod(0o755)  # mkdtemp makes it private; a package is an ordinary, shareable folder
     try:
-        text = builtin_text("calibration") if opts.needs_calibration else None
+        text = choose_calibration_text(ckpt, opts.calibration) if opts.needs_calibration else None
         if text and calib_stats is None:
             calib_stats = collect_statistics(ckpt, text, opts.needs_hessians, tmp, show_progress)
         _write_contents(ckpt, tmp, opts, show_progress, calib_stats, calibration, text)
@@ -65,6 +65,18 @@ def write_package(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def choose_calibration_text(ckpt: Checkpoint, which: str) -> Text:
+    """The text calibration runs on: Python's own code and docs, or the multi-domain mix."""
+    if which == "builtin":
+        return builtin_text("calibration")
+    from tokenizers import Tokenizer
+
+    from edge_qwen.quant.suite import calibration_text as suite_mix
+
+    tokenizer = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json)
+    return suite_mix(lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids))
 
 
 def _write_contents(

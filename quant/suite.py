@@ -281,3 +281,19 @@ def calibration_parts() -> dict[str, list[tuple[str, str]]]:
         "es": _pages(HANDBOOK, handbook.format(lang="es-ES")),
         "de": _pages(HANDBOOK, handbook.format(lang="de-DE")),
     }
+
+
+def calibration_text(count_tokens: Callable[[str], int], tokens_per_domain: int = 2048) -> Text:
+    """The calibration mix as one text: each domain's first `tokens_per_domain` tokens (by
+    `count_tokens`, the model's tokenizer), in DOMAINS order, so that windows spread evenly over it
+    (export/calibrate.py) take the same number from every domain."""
+    parts = []
+    for name, domain_parts in calibration_parts().items():
+        text = "\n\n".join(t for _, t in domain_parts)
+        low, high = 0, len(text)  # the longest prefix within the budget
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if count_tokens(text[:mid]) <= tokens_per_domain else (low, mid - 1)
+        sources = ", ".join(src for src, _ in domain_parts)
+        parts.append((f"{name}: the first {tokens_per_domain} tokens of {sources}", text[:low]))
+    return _join("suite-calibration", parts)

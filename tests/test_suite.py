@@ -13,6 +13,7 @@ import pytest
 
 from edge_qwen.quant import suite
 from edge_qwen.quant.texts import builtin_text
+from tests.conftest import TinyModel, export_tiny
 
 WINDOW = 64  # tokens
 
@@ -92,3 +93,10 @@ def test_eval_reports_each_domain_and_the_macro_average(tiny_fp32: Path) -> None
     assert report["macro"]["top1_agreement"] == 1.0
     bad = CliRunner().invoke(cli, [*args, "--text", "suite:klingon"])
     assert bad.exit_code == 1 and "unknown domain 'klingon'" in bad.stderr
+
+
+def test_export_calibrated_on_the_mix_takes_every_domain(tiny: TinyModel, tmp_path: Path) -> None:
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "mix", precision="int4", algo="imatrix", calibration="suite")
+    record = json.loads((pkg / "edge_qwen.json").read_text())["quantization"]["calibration"]
+    assert record["name"] == "suite-calibration"
+    assert [s.split(":")[0] for s in record["sources"]] == list(suite.DOMAINS)
