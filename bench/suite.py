@@ -8,6 +8,8 @@ once per domain and kept in --work. Packages are ours (edge_qwen packages) or on
 folders, named on the command line as NAME=PATH:
 
     python bench/suite.py --reference FP32 default=PKG ort-genai-int4=DIR ort-genai-int4-kqmixed=DIR
+
+then `python bench/quality_doc.py bench/results/quality.json docs/quality.md` renders them there.
 """
 
 from __future__ import annotations
