@@ -109,7 +109,9 @@ tokens spread over each domain's text, 4,080 scored tokens per domain, against o
 Domains: `code` Python's standard library and a Rust crate; `en-tech` the Debian Reference;
 `en-legal` GPL-2, GPL-3, MPL-1.1; `en-fiction` fortune-mod's quotations; `chat` the Debian FAQ as
 Qwen2.5 chat turns; `zh`, `es`, `de` the Debian Reference's translations. No calibration text shares
-a 64-token window with them (tests/test_suite.py). Each cell: mean KLD / top-1 agreement.
+a 64-token window with them (tests/test_suite.py). Each cell: mean KLD / top-1 agreement. Rows:
+`default` is the default INT4 package; `default-suite-calibration` the same recipe calibrated with
+`--calibration suite` (docs/quantization.md); `-emb8` adds an int8 embedding table; the peers as above.
 
 """
 
