@@ -85,17 +85,24 @@ def evaluate(
         )
     text = load_text(text_spec)
     chunks = chunk_ids(reference, text, ctx, max_chunks)
-    acc = QualityAccumulator()
-    for chunk in tqdm(chunks, desc=f"eval {text.name}", unit="chunk", disable=not show_progress):
-        acc.add(log_softmax(scored_logits(reference, chunk)), scored_logits(model, chunk), targets(chunk))
     return {
         "model": str(model_path),
         "reference": str(reference_path),
         "ctx": ctx,
         "chunks": len(chunks),
         "text": text.describe(),
-        **acc.report().to_dict(),
+        **compare(model, reference, chunks, text.name, show_progress),
     }
+
+
+def compare(
+    model: Decoder, reference: Decoder, chunks: list[np.ndarray], name: str, progress: bool
+) -> dict[str, float | int]:
+    """The quality report of `model` against `reference` over the scored halves of `chunks`."""
+    acc = QualityAccumulator()
+    for chunk in tqdm(chunks, desc=f"eval {name}", unit="chunk", disable=not progress):
+        acc.add(log_softmax(scored_logits(reference, chunk)), scored_logits(model, chunk), targets(chunk))
+    return acc.report().to_dict()
 
 
 def evaluate_suite(
@@ -114,10 +121,11 @@ def evaluate_suite(
     for name in domains or suite.DOMAINS:
         text = suite.domain_text(name)
         chunks = chunk_ids(reference, text, ctx, max_chunks, spread=True)
-        acc = QualityAccumulator()
-        for chunk in tqdm(chunks, desc=f"eval {name}", unit="chunk", disable=not show_progress):
-            acc.add(log_softmax(scored_logits(reference, chunk)), scored_logits(model, chunk), targets(chunk))
-        reports[name] = {"chunks": len(chunks), "text": text.describe(), **acc.report().to_dict()}
+        reports[name] = {
+            "chunks": len(chunks),
+            "text": text.describe(),
+            **compare(model, reference, chunks, name, show_progress),
+        }
     keys = ("mean_kld", "top1_agreement", "ppl_ratio")
     macro = {k: float(np.mean([r[k] for r in reports.values()])) for k in keys}
     return {

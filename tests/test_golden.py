@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import edge_qwen
+from edge_qwen.quant.metrics import log_softmax
 from tests.conftest import export_tiny
 from tests.golden import (
     CONTINUATION,
@@ -50,10 +51,6 @@ def graph_nodes(package: Path) -> list[bytes]:
 
 
 def kld(ref: np.ndarray, ours: np.ndarray) -> float:
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64) - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
     p, q = log_softmax(ref), log_softmax(ours)
     return float((np.exp(p) * (p - q)).sum(-1).mean())
 
