@@ -100,3 +100,22 @@ def test_export_calibrated_on_the_mix_takes_every_domain(tiny: TinyModel, tmp_pa
     record = json.loads((pkg / "edge_qwen.json").read_text())["quantization"]["calibration"]
     assert record["name"] == "suite-calibration"
     assert [s.split(":")[0] for s in record["sources"]] == list(suite.DOMAINS)
+
+
+def test_calibration_runs_are_spread_over_the_whole_text() -> None:
+    text = "".join(f"<{i:04d}>" for i in range(1000))  # 6,000 characters, each position readable
+    runs = suite.spread_runs(text, 600, 4, len)  # characters stand in for tokens
+    assert [len(r) for r in runs] == [150] * 4
+    assert [text.index(r) for r in runs] == [0, 1500, 3000, 4500]
+
+
+def test_the_calibration_mix_gives_each_domain_its_share() -> None:
+    mix = suite.calibration_text(len, total_tokens=11_000)
+    whole = sum(suite.CALIBRATION_SHARES.values())
+    assert suite.CALIBRATION_SHARES["code"] > max(
+        v for k, v in suite.CALIBRATION_SHARES.items() if k != "code"
+    )
+    budgets = [11_000 * suite.CALIBRATION_SHARES[d] // whole for d in suite.DOMAINS]
+    # Domains are joined by a blank line, and so are the 4 runs within each.
+    assert len(mix.text) == sum(b // 4 * 4 for b in budgets) + 2 * (4 * len(budgets) - 1)
+    assert [s.split(":")[0] for s in mix.sources] == list(suite.DOMAINS)
