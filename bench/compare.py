@@ -128,9 +128,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=BENCH_HOME / "compare")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "performance.json")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
+    p.add_argument(
+        "--also",
+        nargs="*",
+        default=[],
+        metavar="NAME=PKG",
+        help="other packages of ours, run in the same rounds (rows 'edge-qwen (NAME)'), e.g. another recipe",
+    )
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    for spec in args.also:
+        name, _, path = spec.partition("=")
+        if not name or not (Path(path) / "edge_qwen.json").is_file():
+            p.error(f"--also takes NAME=PKG with PKG an edge-qwen package folder, got {spec!r}")
     if args.curve == []:
         args.curve = list(paper.LADDER)
     return args
@@ -162,6 +173,11 @@ def setup_engines(
     home = work / "home"  # ours keeps its prepacked copy here; removed, so that round 1 writes it
     shutil.rmtree(home / "prepacked", ignore_errors=True)
     engines = [Engine(OURS, lambda: run_ours(package, args, 1, home))]
+    for spec in args.also:
+        name, _, path = spec.partition("=")
+        other_home = work / f"home-{name}"
+        shutil.rmtree(other_home / "prepacked", ignore_errors=True)
+        engines.append(Engine(f"{OURS} ({name})", lambda p=Path(path), h=other_home: run_ours(p, args, 1, h)))
     if genai is not None:
         engines.append(Engine(GENAI, lambda: run_genai(genai, args)))
     if llama is not None:
