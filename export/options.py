@@ -100,7 +100,7 @@ def default_options(precision: str = "int4") -> ExportOptions:
         # GPTQ, asymmetric, block 32 but gate_up_proj and lm_head at 64, int4 lm_head, no int8
         # tensors: KLD below onnxruntime-genai's best INT4 recipe and top-1 >= 90% on code and prose,
         # under half the size of its INT4 default (docs/quality.md), and the smallest in memory of
-        # those: lm_head at 64 packs 17 MB smaller in ONNX Runtime (docs/memory.md, session 7).
+        # those: lm_head at 64 packs 17 MB smaller in ONNX Runtime (docs/quantization.md).
         return ExportOptions(
             precision="int4",
             algo="gptq",
