@@ -52,6 +52,10 @@ def load(
     providers = session_providers(provider, provider_options, strict, options.intra_op_num_threads)
     root = Path(path)
     manifest = read_manifest(root)
+    if manifest.raw.get("kind") == "npu":  # static parts over a fixed window (edge_qwen/npu.py)
+        from edge_qwen.npu import load_npu
+
+        return load_npu(root, manifest, options, providers)
     on_cpu = len(providers) == 1  # the CPU alone: asked for, or fallen back to
     graph = root / "model.onnx"
     if on_cpu and prepack:
