@@ -136,7 +136,7 @@ def main() -> None:
                 stats.clear()  # one set at a time: 2.4 GB each for the 0.5B
                 # X^T X of every linear input: GPTQ uses it whole, imatrix its diagonal.
                 ckpt = read_checkpoint(gguf)
-                text = choose_calibration_text(ckpt, which)
+                text = choose_calibration_text(ckpt, which, args.windows)
                 stats[which] = cached_statistics(ckpt, text, True, args.work, max_chunks=args.windows)
             name = f"{row}-w{args.windows}" if calibrated and args.windows != CALIBRATION_CHUNKS else row
             pkg = ensure_export(gguf, args.work / name, OURS[row], stats.get(which))

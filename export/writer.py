@@ -18,7 +18,12 @@ from edge_qwen import __version__
 from edge_qwen.cache import available_memory
 from edge_qwen.config import QwenConfig
 from edge_qwen.export.builder import build_graph, io_names
-from edge_qwen.export.calibrate import calibration_record, collect_statistics
+from edge_qwen.export.calibrate import (
+    CALIBRATION_CHUNKS,
+    CALIBRATION_CTX,
+    calibration_record,
+    collect_statistics,
+)
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts, save_model
 from edge_qwen.export.options import ExportOptions
@@ -67,8 +72,9 @@ def write_package(
     return out
 
 
-def choose_calibration_text(ckpt: Checkpoint, which: str) -> Text:
-    """The text calibration runs on: Python's own code and docs, or the multi-domain mix."""
+def choose_calibration_text(ckpt: Checkpoint, which: str, windows: int = CALIBRATION_CHUNKS) -> Text:
+    """The text calibration runs on: Python's own code and docs, or the multi-domain mix, made as
+    long as `windows` calibration windows."""
     if which == "builtin":
         return builtin_text("calibration")
     from tokenizers import Tokenizer
@@ -76,7 +82,11 @@ def choose_calibration_text(ckpt: Checkpoint, which: str) -> Text:
     from edge_qwen.quant.suite import calibration_text as suite_mix
 
     tokenizer = Tokenizer.from_str(ckpt.tokenizer.tokenizer_json)
-    return suite_mix(lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids))
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    return suite_mix(count, total_tokens=windows * CALIBRATION_CTX)
 
 
 def _write_contents(
