@@ -58,6 +58,8 @@ def scored_logits(model: Decoder, chunk: np.ndarray) -> np.ndarray:
     }
     for i in range(cfg.num_hidden_layers):
         feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+    if any(i.name == "position_ids" for i in model.session.get_inputs()):
+        feeds["position_ids"] = np.arange(chunk.size, dtype=np.int64)[None]
     skips_unscored = any(i.name == "logits_start" for i in model.session.get_overridable_initializers())
     if skips_unscored:
         feeds["logits_start"] = np.array([half], np.int64)

@@ -72,9 +72,10 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 @click.option(
     "--logits",
     type=click.Choice(["last", "all"]),
-    default="last",
+    default="all",
     show_default=True,
-    help="Default logits: the last position (generation) or all (evaluation).",
+    help="The graph's default logits: every position (what onnxruntime-genai and optimum expect) or "
+    "the last (edge-qwen only). edge-qwen's runtime computes the last position's alone either way.",
 )
 @click.option(
     "--calibration",

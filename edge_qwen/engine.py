@@ -25,6 +25,7 @@ from edge_qwen.sampling import Sampler
 # default 0.5B package, 64 rather than 256 left 13 MB less resident after a 128-token prompt at the
 # same prefill speed (290-322 tok/s either way at 128, 512 and 1024 prompt tokens, 2-core x86).
 PREFILL_CHUNK = 64
+LAST_POSITION = np.array([-1], np.int64)  # logits_start: the lm_head runs on the last position alone
 
 __all__ = ["PREFILL_CHUNK", "Engine", "Prompt", "TokenPicker", "check_context"]
 
@@ -58,6 +59,11 @@ class Engine:
         self.tokenizer_config: dict[str, Any] = _read_json(path / "tokenizer_config.json")
         self.stop_token_ids = frozenset(manifest.stop_token_ids)
         self._lock = _GenerationLock()
+        # Our graphs compute every position's logits unless fed logits_start = [-1] (export/builder.py);
+        # a graph without that input (onnxruntime-genai's builder) always computes every position.
+        overridable = {i.name for i in session.get_overridable_initializers()}
+        self._last_only = "logits_start" in overridable or manifest.logits == "last"
+        self._takes_positions = "position_ids" in {i.name for i in session.get_inputs()}
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate | None:
@@ -99,9 +105,14 @@ class Engine:
         total = cache.length + chunk.size
         binding.bind_cpu_input("input_ids", chunk.reshape(1, -1))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        if self._takes_positions:
+            binding.bind_cpu_input("position_ids", np.arange(cache.length, total, dtype=np.int64)[None])
+        if self._last_only:
+            # bind_cpu_input looks the name up among the required inputs only
+            binding.bind_ortvalue_input("logits_start", ort.OrtValue.ortvalue_from_numpy(LAST_POSITION))
         # A new array each run, so that a returned one is never written again. Bound, not read back with
         # get_outputs(), which wraps all 49 outputs (the KV cache's too): ~125 us of a ~14 ms step.
-        rows = chunk.size if self.manifest.logits == "all" else 1
+        rows = 1 if self._last_only else chunk.size
         logits = np.empty((1, rows, self.config.vocab_size), np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(binding)

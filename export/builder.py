@@ -1,9 +1,13 @@
 """Build the fused Qwen2 CPU graph from float weights (no torch tracing).
 
 Inputs and outputs follow onnxruntime-genai's decoder convention:
-    input_ids (batch, seq) int64, attention_mask (batch, total) int64,
+    input_ids (batch, seq) int64, attention_mask (batch, total) int64, position_ids (batch, seq) int64,
     past_key_values.{i}.key/value (batch, kv_heads, past, head_dim)
- -> logits (batch, 1 | seq, vocab), present.{i}.key/value (batch, kv_heads, present, head_dim)
+ -> logits (batch, seq | 1, vocab), present.{i}.key/value (batch, kv_heads, present, head_dim)
+
+plus `logits_start`, an initializer that is also an input (batch-independent, (1,) int64): the lm_head
+runs on positions [logits_start:]. Its default keeps every position, as onnxruntime-genai and optimum
+expect; edge-qwen's runtime feeds [-1], so that prefill computes the last position's logits only.
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ def io_names(config: QwenConfig) -> dict[str, list[str]]:
     layers = range(config.num_hidden_layers)
     past = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
-    return {"inputs": ["input_ids", "attention_mask", *past], "outputs": ["logits", *present]}
+    return {
+        "inputs": ["input_ids", "attention_mask", "position_ids", *past],
+        "outputs": ["logits", *present],
+    }
 
 
 def build_graph(
@@ -78,6 +85,7 @@ def build_graph(
     b = Build(g, ckpt, opts.recipe_for(cfg), opts.accuracy_level, calib_stats or {}, calibration)
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    positions = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     g.output("logits", TensorProto.FLOAT, ["batch_size", "logits_length", cfg.vocab_size])
     seqlens_k, total_len = attention_lengths(g, mask)
     cos, sin = rotary_caches(g, cfg, opts.max_context)
@@ -97,14 +105,16 @@ def build_graph(
         normed, residual = rms_norm(
             b, x, residual, f"model.layers.{i}.input_layernorm", f"{prefix}/input_layernorm"
         )
-        x = attention(b, normed, i, seqlens_k, total_len, cos, sin)
+        x = attention(b, normed, i, seqlens_k, total_len, cos, sin, positions)
         normed, residual = rms_norm(
             b, x, residual, f"model.layers.{i}.post_attention_layernorm", f"{prefix}/post_attention_layernorm"
         )
         x = mlp(b, normed, i)
     normed, _ = rms_norm(b, x, residual, "model.norm", "/model/norm")
-    # (batch, seq, hidden) -> (batch, seq - start, hidden). Generation only samples the last position,
-    # so by default the lm_head runs on it alone; an evaluator feeds logits_start = [0] for every one.
+    # (batch, seq, hidden) -> (batch, seq - start, hidden). Generation only samples the last position:
+    # edge-qwen's runtime feeds logits_start = [-1] and the lm_head runs on it alone (at a 128-token
+    # prompt, every position's logits would add ~17 GMAC to the 0.5B's prefill). The default keeps
+    # what other runtimes expect: every position ("all"), or the last alone ("last": edge-qwen only).
     start = g.overridable("logits_start", np.array([-1 if opts.logits == "last" else 0], np.int64))
     normed = g.op(
         "Slice", [normed, start, g.constant([INT64_MAX]), g.constant([1])], "/model/norm/logits/Slice"
@@ -182,7 +192,9 @@ def rms_norm(b: Build, x: str, residual: str | None, name: str, prefix: str) -> 
     return outs[0], outs[3]
 
 
-def attention(b: Build, x: str, i: int, seqlens_k: str, total_len: str, cos: str, sin: str) -> str:
+def attention(
+    b: Build, x: str, i: int, seqlens_k: str, total_len: str, cos: str, sin: str, positions: str
+) -> str:
     #   x -> qkv_proj (one projection + bias) -> GroupQueryAttention(rotary, past/present) -> o_proj
     g, cfg, ckpt = b.g, b.ckpt.config, b.ckpt
     name, prefix = f"model.layers.{i}.self_attn", f"/model/layers.{i}/attn"
@@ -201,7 +213,7 @@ def attention(b: Build, x: str, i: int, seqlens_k: str, total_len: str, cos: str
     present = [f"present.{i}.key", f"present.{i}.value"]
     out = g.node(
         "GroupQueryAttention",
-        [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin],
+        [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin, positions],
         f"{prefix}/GroupQueryAttention",
         outputs=[f"{prefix}/GroupQueryAttention/output_0", *present],
         domain=MS_DOMAIN,

@@ -128,6 +128,7 @@ def _feeds(ckpt: Checkpoint, chunk: np.ndarray) -> dict[str, np.ndarray]:
     feeds = {
         "input_ids": chunk.reshape(1, -1),
         "attention_mask": np.ones((1, chunk.size), np.int64),
+        "position_ids": np.arange(chunk.size, dtype=np.int64)[None],
         "logits_start": np.array([0], np.int64),
     }  # lm_head sees every position, as in use
     for i in range(cfg.num_hidden_layers):

@@ -21,7 +21,7 @@ class ExportOptions:
 
     precision: str = "fp32"
     max_context: int | None = None  # None: min(DEFAULT_MAX_CONTEXT, the model's own maximum)
-    logits: str = "last"
+    logits: str = "all"  # the graph's default; edge-qwen's runtime feeds logits_start to keep the last
     block_size: int = 32
     algo: str = "kquant"
     symmetric: bool = False

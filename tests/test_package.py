@@ -97,7 +97,7 @@ def test_manifest_lists_every_file_with_its_hash(tiny_fp32: Path) -> None:
         "config.json",
         "generation_config.json",
     } <= on_disk
-    assert manifest.precision == "fp32" and manifest.logits == "last"
+    assert manifest.precision == "fp32" and manifest.logits == "all"
     assert manifest.inputs[:2] == ("input_ids", "attention_mask") and manifest.outputs[0] == "logits"
     assert manifest.raw["op_counts"]["GroupQueryAttention"] == manifest.config.num_hidden_layers
 

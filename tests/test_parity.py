@@ -52,18 +52,33 @@ def test_prefill_and_decode_logits_match_transformers(tiny_fp32: Path, tiny_ref)
     assert not keys[0, :, cache.length :].any()
 
 
-def test_logits_all_keeps_every_position(tiny: TinyModel, tiny_ref, tmp_path: Path) -> None:  # noqa: ANN001
-    pkg = export_tiny(tiny.hf_dir, tmp_path / "all", logits="all")
+def test_default_graph_keeps_every_position_and_honours_position_ids(
+    tiny: TinyModel,
+    tiny_ref,  # noqa: ANN001
+    tmp_path: Path,
+) -> None:
+    """What onnxruntime-genai and optimum run: the package's graph with its defaults (no logits_start)."""
+    pkg = export_tiny(tiny.hf_dir, tmp_path / "default")
     session = ort.InferenceSession(str(pkg / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = prompt(12)
     cfg = edge_qwen.load(pkg).config
     empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
-    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    feeds = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
     feeds |= {
         f"past_key_values.{i}.{kv}": empty for i in range(cfg.num_hidden_layers) for kv in ("key", "value")
     }
     logits = session.run(["logits"], feeds)[0][0]
     np.testing.assert_allclose(logits, hf_logits(tiny_ref, ids), atol=FP32_ATOL, rtol=0)
+    # Positions other than 0..n-1 rotate the keys and queries as they do in transformers.
+    shifted = np.arange(7, 7 + len(ids))[None]
+    logits = session.run(["logits"], feeds | {"position_ids": shifted})[0][0]
+    with torch.no_grad():
+        ref = tiny_ref(torch.tensor([ids]), position_ids=torch.tensor(shifted)).logits[0].numpy()
+    np.testing.assert_allclose(logits, ref, atol=FP32_ATOL, rtol=0)
 
 
 def test_cached_decoding_equals_recomputing(tiny_fp32: Path) -> None:
