@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from edge_qwen.apps import catalog_cmds
+from edge_qwen.apps import catalog_cmds, npu_cmds
 from edge_qwen.apps.bench_cmd import bench
 from edge_qwen.apps.chat import chat
 from edge_qwen.apps.quality_cmds import evaluate_cmd, export
@@ -201,6 +201,7 @@ cli.add_command(catalog_cmds.pull)
 cli.add_command(catalog_cmds.models)
 cli.add_command(evaluate_cmd)
 cli.add_command(bench)
+cli.add_command(npu_cmds.check)
 
 
 def _size(folder: Path) -> int:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 import edge_qwen
 from edge_qwen.config import QwenConfig
 from edge_qwen.model import Model
+from edge_qwen.npu import NpuModel
 from edge_qwen.quant.metrics import QualityAccumulator, log_softmax
 from edge_qwen.quant.texts import Text, load_text
 
@@ -51,6 +52,8 @@ def scored_logits(model: Decoder, chunk: np.ndarray) -> np.ndarray:
     ours can skip the lm_head on the unscored half through its `logits_start` input.
     """
     cfg, half = model.config, chunk.size // 2
+    if isinstance(model, NpuModel):  # static parts: the prompt runs in steps of the prefill length
+        return model.logits(chunk)[half:-1]
     empty = np.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
     feeds: dict[str, np.ndarray] = {
         "input_ids": chunk.reshape(1, -1),

@@ -92,6 +92,23 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     help="The CPU the package is for: auto is this machine's; a72 (Raspberry Pi 4, no dot products) "
     "refuses int8 weights, which run a float32 fallback there (docs/arm64.md).",
 )
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "npu"]),
+    default="cpu",
+    show_default=True,
+    help="cpu: the fused graph; npu: static QDQ parts for Qualcomm HTP through the QNN execution "
+    "provider, --precision int8 (W8A16), int4 (W4A16) or fp32 (docs/npu.md).",
+)
+@click.option(
+    "--prefill-len", type=click.IntRange(min=2), default=None, help="npu: tokens per prefill run [128]."
+)
+@click.option(
+    "--context",
+    type=click.Choice(["1024", "2048", "4096"]),
+    default=None,
+    help="npu: the fixed window [1024].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def export(
     source: str,
@@ -108,9 +125,21 @@ def export(
     logits: str,
     calibration: str | None,
     target_cpu: str,
+    target: str,
+    prefill_len: int | None,
+    context: str | None,
     overwrite: bool,
 ) -> None:
     """Export a Qwen2 checkpoint (Hugging Face folder or .gguf file) to a model package OUT."""
+    if target == "npu":
+        from edge_qwen.apps.npu_cmds import export_npu
+
+        export_npu(source, out, precision, prefill_len or 128, int(context or 1024), overwrite)
+        return
+    if prefill_len is not None or context is not None:
+        raise click.UsageError(
+            "--prefill-len and --context are for --target npu (the CPU's is --max-context)"
+        )
     try:
         from edge_qwen.export.options import default_options
         from edge_qwen.export.readers import read_checkpoint
