@@ -33,11 +33,12 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 )
 @click.option(
     "--algo",
-    type=click.Choice(["rtn", "kquant", "imatrix", "gptq"]),
+    type=click.Choice(["rtn", "kquant", "imatrix", "gptq", "gguf"]),
     default=None,
     help="rtn: round to nearest; kquant: least-squares scale search; imatrix: kquant weighted by "
-    "activations of a built-in calibration text; gptq: error compensation through their Hessian "
-    "[default: the precision's recipe, see docs/quantization.md].",
+    "activations of a built-in calibration text; gptq: error compensation through their Hessian; "
+    "gguf: a .gguf source's own quantized blocks, exactly [default: the precision's recipe, see "
+    "docs/quantization.md].",
 )
 @click.option(
     "--symmetric/--asymmetric",

@@ -19,6 +19,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edge_qwen.config import QwenConfig
+from edge_qwen.export import gguf_exact
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import MS_DOMAIN, Graph
 from edge_qwen.export.linear import (
@@ -29,7 +30,7 @@ from edge_qwen.export.linear import (
     quantized_lm_head,
     tied_lm_head,
 )
-from edge_qwen.export.options import ExportOptions
+from edge_qwen.export.options import GGUF_EXACT, ExportOptions
 from edge_qwen.export.recipe import Recipe
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -46,6 +47,27 @@ class Build:
     accuracy_level: int
     calib_stats: Mapping[str, np.ndarray]  # weight name -> X^T X / n (in, in) or its diagonal (in,)
     calibration: bool  # expose every linear input as a graph output
+    exact: gguf_exact.ExactTensors | None = None  # --algo gguf: the GGUF's own quantized blocks
+
+    def projection(
+        self, x: str, parts: list[str], name: str, prefix: str, layer: int, bias: bool = False
+    ) -> str:
+        """One linear over the row-stacked weights of `parts` (q, k, v -> qkv) and their biases."""
+        b = np.concatenate([self.ckpt.tensor(f"{p}.bias") for p in parts]) if bias else None
+        if self.exact is not None:
+            return gguf_exact.linear(
+                self.g,
+                x,
+                self.exact,
+                parts,
+                b,
+                name,
+                prefix,
+                self.accuracy_level,
+                lambda x, w, b, name, prefix: self.linear(x, w, b, name, prefix, layer),
+            )
+        w = np.concatenate([self.ckpt.tensor(f"{p}.weight") for p in parts])
+        return self.linear(x, w, b, name, prefix, layer)
 
     def linear(self, x: str, w: np.ndarray, b: np.ndarray | None, name: str, prefix: str, layer: int) -> str:
         cfg = self.ckpt.config
@@ -82,7 +104,8 @@ def build_graph(
     """Add the whole decoder to `g`, reading one tensor at a time from `ckpt`."""
     cfg = ckpt.config
     assert opts.max_context is not None, "resolve options with ExportOptions.for_model first"
-    b = Build(g, ckpt, opts.recipe_for(cfg), opts.accuracy_level, calib_stats or {}, calibration)
+    exact = gguf_exact.ExactTensors.open(ckpt.source) if opts.algo == GGUF_EXACT else None
+    b = Build(g, ckpt, opts.recipe_for(cfg), opts.accuracy_level, calib_stats or {}, calibration, exact)
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
     positions = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
@@ -91,13 +114,7 @@ def build_graph(
     cos, sin = rotary_caches(g, cfg, opts.max_context)
 
     progress("embed_tokens")
-    table = ckpt.tensor("model.embed_tokens.weight")  # (vocab, hidden)
-    # A tied matrix is quantized once for both uses, weighted by lm_head's inputs (a lookup has no error
-    # to weight).
-    shared = cfg.tie_word_embeddings and b.recipe.lm_head == b.recipe.embeddings
-    x, vocab_matrix = embedding(
-        g, input_ids, table, b.recipe.embeddings, b.calib_stats.get("lm_head") if shared else None
-    )
+    x, head = embed(b, input_ids)
     residual = None
     for i in range(cfg.num_hidden_layers):
         progress(f"layer {i}")
@@ -120,8 +137,30 @@ def build_graph(
         "Slice", [normed, start, g.constant([INT64_MAX]), g.constant([1])], "/model/norm/logits/Slice"
     )
     progress("lm_head")
-    logits = lm_head(b, normed, table, vocab_matrix)
+    logits = head(normed)
     g.node("Identity", [logits], "/logits/Identity", outputs=["logits"])
+
+
+def embed(b: Build, ids: str) -> tuple[str, Callable[[str], str]]:
+    """The embedding lookup, and the lm_head to run on the final hidden states (it may share the table)."""
+    if b.exact is not None:
+        return gguf_exact.embed(
+            b.g,
+            ids,
+            b.exact,
+            b.ckpt.config.tie_word_embeddings,
+            b.accuracy_level,
+            lambda table: embedding(b.g, ids, table, b.recipe.embeddings)[0],
+            lambda x, table: lm_head(b, x, table, None),
+        )
+    table = b.ckpt.tensor("model.embed_tokens.weight")  # (vocab, hidden)
+    # A tied matrix is quantized once for both uses, weighted by lm_head's inputs (a lookup has no error
+    # to weight).
+    shared = b.ckpt.config.tie_word_embeddings and b.recipe.lm_head == b.recipe.embeddings
+    x, vocab_matrix = embedding(
+        b.g, ids, table, b.recipe.embeddings, b.calib_stats.get("lm_head") if shared else None
+    )
+    return x, lambda normed: lm_head(b, normed, table, vocab_matrix)
 
 
 def lm_head(b: Build, x: str, table: np.ndarray, vocab_matrix: QuantizedRef | None) -> str:
@@ -196,11 +235,10 @@ def attention(
     b: Build, x: str, i: int, seqlens_k: str, total_len: str, cos: str, sin: str, positions: str
 ) -> str:
     #   x -> qkv_proj (one projection + bias) -> GroupQueryAttention(rotary, past/present) -> o_proj
-    g, cfg, ckpt = b.g, b.ckpt.config, b.ckpt
+    g, cfg = b.g, b.ckpt.config
     name, prefix = f"model.layers.{i}.self_attn", f"/model/layers.{i}/attn"
-    qkv_w = np.concatenate([ckpt.tensor(f"{name}.{p}_proj.weight") for p in "qkv"])  # (q + 2 kv, hidden)
-    qkv_b = np.concatenate([ckpt.tensor(f"{name}.{p}_proj.bias") for p in "qkv"])
-    qkv = b.linear(x, qkv_w, qkv_b, f"{name}.qkv_proj", f"{prefix}/qkv_proj", i)
+    parts = [f"{name}.{p}_proj" for p in "qkv"]  # one (q + 2 kv, hidden) weight
+    qkv = b.projection(x, parts, f"{name}.qkv_proj", f"{prefix}/qkv_proj", i, bias=True)
     kv_shape: list[int | str] = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
     present_shape: list[int | str] = [
         "batch_size",
@@ -225,22 +263,17 @@ def attention(
     )[0]
     for p in present:
         g.output(p, TensorProto.FLOAT, present_shape)
-    return b.linear(out, ckpt.tensor(f"{name}.o_proj.weight"), None, f"{name}.o_proj", f"{prefix}/o_proj", i)
+    return b.projection(out, [f"{name}.o_proj"], f"{name}.o_proj", f"{prefix}/o_proj", i)
 
 
 def mlp(b: Build, x: str, i: int) -> str:
     #   x -> gate_up (one projection) -> Split -> SiLU(gate) * up -> down
-    g, ckpt = b.g, b.ckpt
+    g, ffn = b.g, b.ckpt.config.intermediate_size
     name, prefix = f"model.layers.{i}.mlp", f"/model/layers.{i}/mlp"
-    gate_w = ckpt.tensor(f"{name}.gate_proj.weight")  # (ffn, hidden)
-    up_w = ckpt.tensor(f"{name}.up_proj.weight")
-    ffn = gate_w.shape[0]
-    gate_up = b.linear(
-        x, np.concatenate([gate_w, up_w]), None, f"{name}.gate_up_proj", f"{prefix}/gate_up_proj", i
-    )
+    parts = [f"{name}.gate_proj", f"{name}.up_proj"]  # one (2 ffn, hidden) weight
+    gate_up = b.projection(x, parts, f"{name}.gate_up_proj", f"{prefix}/gate_up_proj", i)
     gate, up = g.node("Split", [gate_up, g.constant([ffn, ffn])], f"{prefix}/Split", outputs=2, axis=-1)
     sigmoid = g.op("Sigmoid", [gate], f"{prefix}/act_fn/Sigmoid")
     silu = g.op("Mul", [gate, sigmoid], f"{prefix}/act_fn/Mul")
     hidden = g.op("Mul", [silu, up], f"{prefix}/Mul")
-    down = ckpt.tensor(f"{name}.down_proj.weight")
-    return b.linear(hidden, down, None, f"{name}.down_proj", f"{prefix}/down_proj", i)
+    return b.projection(hidden, [f"{name}.down_proj"], f"{name}.down_proj", f"{prefix}/down_proj", i)

@@ -13,6 +13,7 @@ LOGITS = ("last", "all")
 DEFAULT_MAX_CONTEXT = 4096
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 CALIBRATIONS = ("builtin", "suite")
+GGUF_EXACT = "gguf"  # algo: carry a GGUF's quantized blocks over as they are
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class ExportOptions:
 
     @property
     def recipe(self) -> Recipe:
+        if self.algo == GGUF_EXACT:
+            # A GGUF's own quantized tensors go in unchanged (export/gguf_exact.py); this recipe is for
+            # the tensors of a type with no exact map: int8, the closest to their values uncalibrated.
+            return make_recipe("int8", 32, False, "kquant", None, None, False)
         return make_recipe(
             self.precision,
             self.block_size,
