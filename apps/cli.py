@@ -143,7 +143,10 @@ def _echo_package(model: Path) -> None:
         click.echo(f"target cpu  {quantization.get('target_cpu', 'any (not recorded)')}")
     click.echo(f"context     {manifest.max_context} tokens, logits: {manifest.logits}")
     click.echo(f"stop ids    {', '.join(map(str, manifest.stop_token_ids))}")
-    click.echo(f"source      {raw['source']['path']} (sha256 {raw['source']['sha256'][:16]}...)")
+    if "source" in raw:  # onnxruntime-genai's folders do not say
+        click.echo(f"source      {raw['source']['path']} (sha256 {raw['source']['sha256'][:16]}...)")
+    others = raw.get("runs_in") or {"other runtimes": "not recorded (re-export to record them)"}
+    click.echo(f"runs in     edge-qwen; {'; '.join(f'{k}: {v}' for k, v in others.items())}")
     click.echo(f"tool        {raw.get('tool', '?')}")
     click.echo("files")
     for name, meta in manifest.files.items():

@@ -69,7 +69,7 @@ class Engine:
     def chat_template(self) -> ChatTemplate | None:
         """The package's chat template, compiled at first use (with jinja2, imported then); None if
         it has none. ChatTemplateError if it does not compile."""
-        template = self.tokenizer_config.get("chat_template")
+        template = self.tokenizer_config.get("chat_template") or _read_text(self.path / "chat_template.jinja")
         if not template:
             return None
         config = self.tokenizer_config
@@ -233,6 +233,11 @@ def parse_tokenizer(path: Path) -> Tokenizer:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_text(path: Path) -> str | None:
+    """A file's text, or None if there is none (transformers 5 keeps the chat template apart)."""
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def _token(config: Mapping[str, Any], key: str) -> str | None:

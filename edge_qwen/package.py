@@ -69,6 +69,10 @@ def read_manifest(path: str | Path, verify_hashes: bool = False) -> Manifest:
     if not root.is_dir():
         raise PackageError(f"{root} is not a model package folder (export one with `edge-qwen export`)")
     manifest_path = root / MANIFEST
+    if not manifest_path.is_file() and (root / "genai_config.json").is_file():
+        from edge_qwen.genai_folder import genai_manifest  # a folder of onnxruntime-genai's builder
+
+        return genai_manifest(root)
     if not manifest_path.is_file():
         raise PackageError(
             f"{root} has no {MANIFEST}: not an edge-qwen package, or its export did not finish"

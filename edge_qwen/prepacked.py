@@ -69,7 +69,10 @@ def cache_key(package: Path, cpuinfo: str | None = None) -> dict[str, Any]:
     files = sorted(p for p in package.iterdir() if p.is_file())
     stamps = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
     h = sha256()
-    for name in (MANIFEST, MODEL):  # small: hashed whole; the weights by their manifest hash and stamp
+    # small: hashed whole; the weights by their manifest hash and stamp (onnxruntime-genai's folders
+    # have genai_config.json instead of a manifest)
+    manifest = MANIFEST if (package / MANIFEST).is_file() else "genai_config.json"
+    for name in (manifest, MODEL):
         h.update((package / name).read_bytes())
     source = {
         "package": str(package.resolve()),

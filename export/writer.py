@@ -25,6 +25,7 @@ from edge_qwen.export.calibrate import (
     collect_statistics,
 )
 from edge_qwen.export.checkpoint import Checkpoint
+from edge_qwen.export.genai_config import genai_config, hf_generation_config, runs_in
 from edge_qwen.export.graph import Graph, op_counts, save_model
 from edge_qwen.export.options import ExportOptions
 from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file, work_dir
@@ -121,8 +122,8 @@ def _write_contents(
     stop_ids = stop_token_ids(tok.tokenizer_json, tok.tokenizer_config, tok.generation_config)
     _write_json(root / "tokenizer_config.json", tok.tokenizer_config)
     _write_json(root / "config.json", ckpt.config.to_hf())
-    _write_json(root / "generation_config.json", {**(tok.generation_config or {}), "eos_token_id": stop_ids})
-    _write_json(root / "genai_config.json", genai_config(ckpt, opts, stop_ids))
+    _write_json(root / "generation_config.json", hf_generation_config(stop_ids, tok.generation_config))
+    _write_json(root / "genai_config.json", genai_config(ckpt.config, opts, stop_ids, tok.generation_config))
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(root.iterdir())}
     names = io_names(ckpt.config)
     _write_json(
@@ -141,6 +142,7 @@ def _write_contents(
             },
             "max_context": opts.max_context,
             "logits": opts.logits,
+            "runs_in": runs_in(opts),
             "io": names,
             "op_counts": dict(sorted(op_counts(model).items())),
             "stop_token_ids": stop_ids,
@@ -213,52 +215,6 @@ def stop_token_ids(
         if token in vocab:
             ids.append(vocab[token])
     return sorted(set(ids))
-
-
-def genai_config(ckpt: Checkpoint, opts: ExportOptions, stop_ids: list[int]) -> dict[str, Any]:
-    """onnxruntime-genai's config for the same graph, so C#, Java and C++ apps can run the package."""
-    cfg = ckpt.config
-    inputs = {
-        "input_ids": "input_ids",
-        "attention_mask": "attention_mask",
-        "past_key_names": "past_key_values.%d.key",
-        "past_value_names": "past_key_values.%d.value",
-    }
-    outputs = {
-        "logits": "logits",
-        "present_key_names": "present.%d.key",
-        "present_value_names": "present.%d.value",
-    }
-    return {
-        "model": {
-            "type": "qwen2",
-            "bos_token_id": stop_ids[0],
-            "eos_token_id": stop_ids,
-            "pad_token_id": stop_ids[-1],
-            "vocab_size": cfg.vocab_size,
-            "context_length": opts.max_context,
-            "decoder": {
-                "filename": "model.onnx",
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "head_size": cfg.head_dim,
-                "hidden_size": cfg.hidden_size,
-                "num_attention_heads": cfg.num_attention_heads,
-                "num_hidden_layers": cfg.num_hidden_layers,
-                "num_key_value_heads": cfg.num_key_value_heads,
-                "inputs": inputs,
-                "outputs": outputs,
-            },
-        },
-        "search": {
-            "do_sample": False,
-            "max_length": opts.max_context,
-            "num_beams": 1,
-            "past_present_share_buffer": False,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
-    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
