@@ -45,7 +45,7 @@ class ExactTensors:
     @classmethod
     def open(cls, path: str | Path) -> ExactTensors:
         path = Path(path)
-        if path.suffix != ".gguf" and not _is_gguf(path):
+        if not path.is_file() or not _is_gguf(path):
             raise ValueError(f"--algo gguf carries a GGUF's own quantization: {path} is not a .gguf file")
         reader = GGUFReader(path, "r")
         return cls(path, {hf_tensor_name(t.name): t for t in reader.tensors})
