@@ -104,7 +104,7 @@ def build_graph(
     """Add the whole decoder to `g`, reading one tensor at a time from `ckpt`."""
     cfg = ckpt.config
     assert opts.max_context is not None, "resolve options with ExportOptions.for_model first"
-    exact = gguf_exact.ExactTensors.open(ckpt.source) if opts.algo == GGUF_EXACT else None
+    exact = gguf_exact.ExactTensors.of(ckpt) if opts.algo == GGUF_EXACT else None
     b = Build(g, ckpt, opts.recipe_for(cfg), opts.accuracy_level, calib_stats or {}, calibration, exact)
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, ReaderTensor
+from gguf import ReaderTensor
 
 from edge_qwen.export.graph import MS_DOMAIN, Graph
 from edge_qwen.export.linear import LM_HEAD_ROWS, row_ranges
 from edge_qwen.quant.ggml import BLOCK_TYPES, GgmlMatrix, from_blocks, stack_rows
 
-from .gguf_reader import hf_tensor_name
+from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,14 @@ class ExactTensors:
     tensors: dict[str, ReaderTensor]
 
     @classmethod
-    def open(cls, path: str | Path) -> ExactTensors:
-        path = Path(path)
-        if not path.is_file() or not _is_gguf(path):
-            raise ValueError(f"--algo gguf carries a GGUF's own quantization: {path} is not a .gguf file")
-        reader = GGUFReader(path, "r")
-        return cls(path, {hf_tensor_name(t.name): t for t in reader.tensors})
+    def of(cls, ckpt: Checkpoint) -> ExactTensors:
+        """The GGUF tensors behind a checkpoint read by export/gguf_reader.py."""
+        tensors = ckpt.extra.get("gguf_tensors")
+        if tensors is None:
+            raise ValueError(
+                f"--algo gguf carries a GGUF's own quantization: {ckpt.source} is not a .gguf file"
+            )
+        return cls(Path(ckpt.source), tensors)
 
     def qtype(self, name: str) -> str:
         return self.tensors[f"{name}.weight"].tensor_type.name
@@ -59,15 +61,22 @@ class ExactTensors:
     def any_exact(self) -> bool:
         return any(t.tensor_type.name in BLOCK_TYPES for t in self.tensors.values())
 
-    def matrix(self, name: str) -> GgmlMatrix:
-        """`name`'s weight (N, K) as MatMulNBits arrays. The bytes are read, not mapped: a conversion's
-        memory holds one tensor, not the pages of every tensor it has touched."""
+    def matrix(self, name: str, rows: tuple[int, int] | None = None) -> GgmlMatrix:
+        """`name`'s weight (N, K), or its rows [start, stop), as MatMulNBits arrays.
+
+        The bytes are read, not mapped: a conversion's memory holds one tensor (or one lm_head part),
+        not the pages of every tensor it has touched."""
         t = self.tensors[f"{name}.weight"]
-        rows, cols = int(t.shape[1]), int(t.shape[0])  # GGUF lists dimensions innermost first
+        n, cols = int(t.shape[1]), int(t.shape[0])  # GGUF lists dimensions innermost first
+        start, stop = rows or (0, n)
+        row_bytes = int(t.n_bytes) // n
         with self.path.open("rb") as f:
-            f.seek(int(t.data_offset))
-            raw = np.fromfile(f, np.uint8, int(t.n_bytes))
-        return from_blocks(t.tensor_type.name, raw.reshape(rows, -1), (rows, cols))
+            f.seek(int(t.data_offset) + start * row_bytes)
+            raw = np.fromfile(f, np.uint8, (stop - start) * row_bytes)
+        return from_blocks(t.tensor_type.name, raw.reshape(stop - start, row_bytes), (stop - start, cols))
+
+    def rows(self, name: str) -> int:
+        return int(self.tensors[f"{name}.weight"].shape[1])
 
     def summary(self) -> dict[str, int]:
         """How many matrices of each GGUF type (1-D tensors left out)."""
@@ -76,11 +85,6 @@ class ExactTensors:
             if len(t.shape) == 2:
                 counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         return dict(sorted(counts.items()))
-
-
-def _is_gguf(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def linear(
@@ -191,18 +195,21 @@ def matmul_inputs(
     return g.op("Add", [y, correction], f"{prefix}/offsets/Add")
 
 
-def lm_head(g: Graph, x: str, m: GgmlMatrix, accuracy_level: int, tied: NBitsInputs | None = None) -> str:
-    """lm_head over parts of at most LM_HEAD_ROWS rows (as the float path), their logits concatenated.
+def lm_head(
+    g: Graph, x: str, exact: ExactTensors, name: str, accuracy_level: int, tied: NBitsInputs | None = None
+) -> str:
+    """lm_head over parts of at most LM_HEAD_ROWS rows (as the float path), their logits concatenated;
+    each part is read from the file on its own.
 
     `tied`: the embedding's initializers; each part is then a view of their bytes (stored once)."""
-    parts = row_ranges(m.shape[0], LM_HEAD_ROWS)
+    parts = row_ranges(exact.rows(name), LM_HEAD_ROWS)
     logits = []
     for i, (a, z) in enumerate(parts):
-        part = m.rows(a, z)
+        part = exact.matrix(name, (a, z))
         one = len(parts) == 1
-        name, prefix = ("lm_head", "/lm_head") if one else (f"lm_head.part{i}", f"/lm_head/part{i}")
-        w = add_matrix(g, part, name) if tied is None else _tied_part(g, part, tied, a, name)
-        logits.append(matmul_inputs(g, x, part, w, None, name, prefix, accuracy_level))
+        head, prefix = ("lm_head", "/lm_head") if one else (f"lm_head.part{i}", f"/lm_head/part{i}")
+        w = add_matrix(g, part, head) if tied is None else _tied_part(g, part, tied, a, head)
+        logits.append(matmul_inputs(g, x, part, w, None, head, prefix, accuracy_level))
     return logits[0] if len(logits) == 1 else g.op("Concat", logits, "/lm_head/Concat", axis=-1)
 
 
@@ -281,7 +288,7 @@ def embed(
         if not exact.is_exact(name):
             _warn_fallback(exact, name)
             return head_float(normed, exact_float(exact, name))
-        return lm_head(g, normed, exact.matrix(name), accuracy_level, table_inputs if tied else None)
+        return lm_head(g, normed, exact, name, accuracy_level, table_inputs if tied else None)
 
     return x, head
 

@@ -70,7 +70,7 @@ class Graph:
         if pad:
             self._data.write(b"\0" * pad)
             offset += pad
-        self._data.write(array.tobytes())
+        self._data.write(array.data)  # the array's own bytes, not a copy
         tensor = TensorProto()
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)

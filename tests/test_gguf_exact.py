@@ -246,5 +246,5 @@ def test_a_type_without_a_map_falls_back_with_a_line(
 
 
 def test_algo_gguf_needs_a_gguf_source(tiny, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--algo gguf carries a GGUF's own quantization"):
+    with pytest.raises(ValueError, match="--algo gguf carries a GGUF's own quantization: .* is not a .gguf"):
         export(tiny.hf_dir, tmp_path / "x", precision="int4", algo="gguf")
