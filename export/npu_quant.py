@@ -9,19 +9,23 @@ quantized graph is then written at both static lengths over one weights file (np
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from edge_qwen.config import QwenConfig
 from edge_qwen.export.npu_graph import fix_shapes
 from edge_qwen.npu import NpuPart
+from edge_qwen.quant.lpbq import quantize_lpbq
 
 log = logging.getLogger(__name__)
 
 WEIGHT_BITS = {"w8a16": 8, "w4a16": 4, "fp32": 32}
+LPBQ_BLOCKS = (64, 32, 16)  # input rows per block scale of a weight: the first that divides them
 
 
 class FeedsReader:
@@ -52,27 +56,84 @@ def quantize_part(
         all_tensors_to_one_file=True, external_data_location=f"{preprocessed.name}.data",
     ):  # fmt: skip
         source = preprocessed  # it fused something (Gelu, LpNormalization): quantize that graph
-    weight_type = QuantType.QInt8 if weights == "w8a16" else QuantType.QInt4
+    # QNN's config gives MatMul weights one scale per tensor (its HTP MatMul takes no per-channel
+    # weights): quantized so here, they are then re-encoded block-wise (LPBQ) from the float weights.
     config = get_qnn_qdq_config(
-        str(source),
-        Reader(feeds),
-        activation_type=QuantType.QUInt16,
-        weight_type=weight_type,
-        per_channel=True,
+        str(source), Reader(feeds), activation_type=QuantType.QUInt16, weight_type=QuantType.QInt8
     )
     config.use_external_data_format = True
     quantized = out_dir / f".{part.name}.qdq.onnx"
     quantize(str(source), str(quantized), config)
-    model = onnx.load(str(quantized), load_external_data=False)
+    model = onnx.load(str(quantized))
+    floats = onnx.load(str(fp32_model), load_external_data=False)
+    originals = {t.name: t for t in floats.graph.initializer}
+
+    def float_weight(name: str) -> np.ndarray:
+        return numpy_helper.to_array(originals[name], base_dir=str(fp32_model.parent))
+
+    lpbq_weights(model, float_weight, WEIGHT_BITS[weights])
     data = f"{part.name}.onnx.data"
-    (out_dir / f"{quantized.name}.data").rename(out_dir / data)
-    (out_dir / data).chmod(0o644)  # the quantizer writes it private; a package is shareable
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data
-    for seq, name in ((prefill_len, part.prefill), (1, part.decode)):
-        (out_dir / name).write_bytes(fix_shapes(model, cfg, seq, context).SerializeToString())
-    quantized.unlink()
-    for leftover in out_dir.glob(f".{part.name}.preprocessed.onnx*"):
+    prefill = fix_shapes(model, cfg, prefill_len, context)
+    onnx.save_model(
+        prefill, str(out_dir / part.prefill), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data, size_threshold=1024,
+    )  # fmt: skip
+    del model, prefill
+    decode = fix_shapes(onnx.load(str(out_dir / part.prefill), load_external_data=False), cfg, 1, context)
+    (out_dir / part.decode).write_bytes(decode.SerializeToString())
+    (out_dir / data).chmod(0o644)  # onnx writes it private; a package is shareable
+    for leftover in out_dir.glob(f".{part.name}.*"):
         leftover.unlink()
+
+
+def lpbq_weights(model: onnx.ModelProto, float_weight: Callable[[str], np.ndarray], bits: int) -> None:
+    """Re-encode the weight of every MatMul block-wise, in the pattern QNN's LPBQ MatMul fusion takes.
+
+    #   W (int8 per tensor) -> DequantizeLinear -> MatMul        becomes
+    #   block scales (uint8), channel scales -> DequantizeLinear(axis 1) -> block scales (float)
+    #   W (int4/int8) , block scales -> DequantizeLinear(axis 0, block_size) -> MatMul
+    (microsoft/onnxruntime onnxruntime/core/providers/qnn/builder/qnn_node_group/lpbqmatmul_fusion.cc)
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    initializers = {t.name: t for t in graph.initializer}
+    dtype = ml_dtypes.int4 if bits == 4 else np.int8
+    for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
+        dequantize = producers.get(matmul.input[1])
+        if (
+            dequantize is None
+            or dequantize.op_type != "DequantizeLinear"
+            or dequantize.input[0] not in initializers
+        ):
+            continue
+        name = dequantize.input[0].removesuffix("_quantized")
+        weight = float_weight(name)
+        block = next((b for b in LPBQ_BLOCKS if weight.shape[0] % b == 0), None)
+        if block is None:
+            raise ValueError(f"{name}: {weight.shape[0]} inputs divide into no block size of {LPBQ_BLOCKS}")
+        encoded = quantize_lpbq(weight, block, bits)
+        for old in dequantize.input:
+            graph.initializer.remove(initializers.pop(old))
+        blocks, channels = encoded.block_scales.shape
+        new = {
+            f"{name}_lpbq": encoded.q.astype(dtype),
+            f"{name}_lpbq_zero_point": np.zeros((blocks, channels), dtype),
+            f"{name}_block_scales": encoded.block_scales,
+            f"{name}_channel_scales": encoded.channel_scales,
+            f"{name}_block_scales_zero_point": np.zeros(channels, np.uint8),
+        }
+        graph.initializer.extend(numpy_helper.from_array(array, key) for key, array in new.items())
+        scales = helper.make_node(
+            "DequantizeLinear",
+            [f"{name}_block_scales", f"{name}_channel_scales", f"{name}_block_scales_zero_point"],
+            [f"{name}_block_scales_float"],
+            name=f"{name}_block_scales_DequantizeLinear",
+            axis=1,
+        )
+        graph.node.insert(list(graph.node).index(dequantize), scales)
+        del dequantize.input[:]
+        dequantize.input.extend([f"{name}_lpbq", f"{name}_block_scales_float", f"{name}_lpbq_zero_point"])
+        del dequantize.attribute[:]
+        dequantize.attribute.extend(
+            [helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)]
+        )
