@@ -118,7 +118,11 @@ def _check_qdq(
                     onnx.helper.tensor_dtype_to_np_dtype(zero_point.data_type).name if zero_point else "uint8"
                 )
                 per_channel = zero_point is not None and len(zero_point.dims) > 0 and zero_point.dims[0] > 1
-                report.qdq_types[f"{kind} {dtype}{' per-channel' if per_channel else ''}"] += 1
+                blocked = any(a.name == "block_size" and a.i > 0 for a in node.attribute)
+                if kind == "weight" and any(c.op_type in QDQ_OPS for c in consumers.get(node.output[0], [])):
+                    kind = "LPBQ block scales"
+                layout = " block-wise (LPBQ)" if blocked else " per-channel" if per_channel else ""
+                report.qdq_types[f"{kind} {dtype}{layout}"] += 1
             continue
         if node.op_type in LAYOUT_OPS:
             continue

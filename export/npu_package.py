@@ -18,7 +18,7 @@ from edge_qwen.config import QwenConfig
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts
 from edge_qwen.export.npu_graph import embeddings_graph, fix_shapes, head_graph, layers_graph, npu_model
-from edge_qwen.export.npu_quant import WEIGHT_BITS, quantize_part
+from edge_qwen.export.npu_quant import LPBQ_BLOCKS, WEIGHT_BITS, quantize_part
 from edge_qwen.export.writer import _replace_dir, compact_merges, stop_token_ids
 from edge_qwen.npu import NpuCache, NpuLayout, NpuPart, NpuRunner
 from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, work_dir
@@ -188,9 +188,7 @@ def write_metadata(
             "config": ckpt.config.to_dict(),
             "precision": opts.precision,
             "quantization": {
-                "weights": None
-                if opts.precision == "fp32"
-                else f"int{WEIGHT_BITS[opts.precision]} per channel, symmetric",
+                "weights": None if opts.precision == "fp32" else weights_record(opts.precision),
                 "activations": None if opts.precision == "fp32" else "uint16 per tensor, MinMax",
                 "tool": "onnxruntime.quantization get_qnn_qdq_config + quantize",
                 "calibration": calibration,
@@ -204,6 +202,14 @@ def write_metadata(
             "source": {"path": ckpt.source, "sha256": ckpt.source_sha256},
             "files": files,
         },
+    )
+
+
+def weights_record(precision: str) -> str:
+    bits = WEIGHT_BITS[precision]
+    return (
+        f"int{bits} block-wise, symmetric (LPBQ: uint8 block scales x float channel scales; blocks of "
+        f"{LPBQ_BLOCKS[0]} inputs, or the first of {LPBQ_BLOCKS[1:]} that divides them)"
     )
 
 
