@@ -99,6 +99,28 @@ class ChatSession:
         messages, prompt_ids, dropped = self._fit([*self._messages, *new], config.max_tokens)
         return self.model.serialized(self._turn(messages, prompt_ids, dropped, config))
 
+    def stream_messages(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        config: GenerationConfig | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **options: Any,
+    ) -> Iterator[StreamPiece]:
+        """Replace the conversation by `messages` (and the tools by `tools`) and stream the reply.
+
+        For a client that resends the whole conversation each turn, as OpenAI's API does: the cache
+        is rewound to the longest prefix it shares with the new prompt, so only what is new is
+        prefilled. The messages are checked here, before the first piece.
+        """
+        config = GenerationConfig.of(config if config is not None else self.config, options)
+        conversation: list[Message] = [dict(m) for m in messages]
+        if not conversation or conversation[-1].get("role") == "assistant":
+            raise ValueError("nothing to reply to: the messages must end with a user or tool message")
+        self.tools = tools
+        fitted, prompt_ids, dropped = self._fit(conversation, config.max_tokens)
+        return self.model.serialized(self._turn(fitted, prompt_ids, dropped, config))
+
     def send(self, text: str | None, config: GenerationConfig | None = None, **options: Any) -> str:
         """Add a user message and return the whole reply."""
         return "".join(piece.text for piece in self.stream(text, config, **options))
