@@ -14,6 +14,7 @@ from edge_qwen.apps import catalog_cmds, npu_cmds
 from edge_qwen.apps.bench_cmd import bench
 from edge_qwen.apps.chat import chat
 from edge_qwen.apps.quality_cmds import evaluate_cmd, export
+from edge_qwen.apps.server_cmd import serve
 from edge_qwen.errors import EdgeQwenError
 
 # Errors a user can act on become one line on stderr and exit 1; anything else is a bug and keeps
@@ -204,6 +205,7 @@ cli.add_command(catalog_cmds.pull)
 cli.add_command(catalog_cmds.models)
 cli.add_command(evaluate_cmd)
 cli.add_command(bench)
+cli.add_command(serve)
 cli.add_command(npu_cmds.check)
 
 
