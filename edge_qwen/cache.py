@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge_qwen.config import QwenConfig
-from edge_qwen.errors import ContextFullError
+from edge_qwen.errors import ContextFullError, InsufficientMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class KVCache:
     def __init__(self, config: QwenConfig, max_len: int, dtype: type = np.float32) -> None:
         if max_len < 1:
             raise ValueError(f"a KV cache needs room for at least one token, got max_len={max_len}")
+        check_memory(max_len * kv_bytes_per_token(config, dtype), f"a KV cache of {max_len} tokens")
         shape = (
             1,
             config.num_key_value_heads,
@@ -145,7 +146,18 @@ def kv_bytes_per_token(config: QwenConfig, dtype: type = np.float32) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations, or None when the system does not say."""
+    """Bytes of memory available to new allocations, or None when the system does not say.
+
+    In a container with a memory limit (cgroup v2), the room left under the limit, if smaller.
+    """
+    system = _system_available()
+    limited = _cgroup_available()
+    if system is None or limited is None:
+        return system if limited is None else limited
+    return min(system, limited)
+
+
+def _system_available() -> int | None:
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         for line in meminfo.read_text().splitlines():
@@ -155,6 +167,31 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every platform names these
         return None
+
+
+def _cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """memory.max - memory.current of this process's cgroup as a container sees it; None without a limit."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = int((root / "memory.current").read_text())
+    except (OSError, ValueError):  # no cgroup v2 here, or not readable: no limit known
+        return None
+    return max(int(limit) - used, 0) if limit.isdigit() else None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse, naming the numbers, an allocation of `nbytes` that exceeds the memory available now.
+
+    Better than letting the kernel's OOM killer end the process halfway through a generation (the
+    cache's pages are only made as positions are written). Where the system does not say how much
+    is available, nothing is checked.
+    """
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise InsufficientMemoryError(
+            f"{what} needs {nbytes / 1e6:.1f} MB, but only {available / 1e6:.1f} MB of memory is "
+            "available: use a smaller max_context or fewer max_tokens, or free memory"
+        )
 
 
 def default_cache_len(config: QwenConfig, max_context: int) -> int:

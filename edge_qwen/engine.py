@@ -170,6 +170,7 @@ class Engine:
             if system is not None:
                 messages = [{"role": "system", "content": system}, *messages]
             text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+        check_utf8(text)
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ValueError("the prompt is empty")
@@ -195,6 +196,24 @@ def check_context(prompt_tokens: int, max_tokens: int, context: int, fix: str = 
             f"the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
             f"{prompt_tokens + max_tokens} > the context of {context} tokens: {fix}"
         )
+
+
+def check_utf8(text: str) -> None:
+    """ValueError naming the spot if `text` holds lone surrogates: bytes that were not UTF-8.
+
+    Python keeps undecodable bytes of command-line arguments and file names as surrogates
+    (U+DC80-U+DCFF); the tokenizer cannot take them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        before = text[max(0, e.start - 20) : e.start]
+        raise ValueError(
+            f"the prompt is not valid UTF-8: {what} after {before!r} is not text; "
+            "pass UTF-8 text (convert it with e.g. iconv -t UTF-8)"
+        ) from None
 
 
 class _GenerationLock:

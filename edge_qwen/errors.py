@@ -13,3 +13,7 @@ class PackageError(EdgeQwenError):
 
 class ContextFullError(EdgeQwenError, ValueError):
     """The KV cache cannot hold the tokens asked for."""
+
+
+class InsufficientMemoryError(EdgeQwenError, MemoryError):
+    """An allocation (a KV cache) would need more memory than the system has available."""

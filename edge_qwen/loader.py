@@ -40,18 +40,21 @@ def load(
     threads: int | None = None,
     strict: bool = False,
     prepack: bool = True,
+    verify: bool = False,
 ) -> Model:
     """Load a model package folder, checking its manifest and files first.
 
     `provider`: cpu, xnnpack, qnn, nnapi, coreml or an ONNX Runtime name. One the installed
     onnxruntime lacks falls back to the CPU with a warning, or raises when `strict`. `threads`
     defaults to the physical core count. `prepack=False` loads the package itself, packing the
-    weights in memory, and writes nothing to the cache.
+    weights in memory, and writes nothing to the cache. Every load checks that each file the
+    manifest lists is there at its full size; `verify=True` also checks their sha256 (reading every
+    byte: 0.3-0.8 s for the 0.5B INT4 package on a 2-core x86), which catches a same-size edit.
     """
     options = session_options(threads)  # bad options fail first, before any file is read
     providers = session_providers(provider, provider_options, strict, options.intra_op_num_threads)
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, verify_hashes=verify)
     if manifest.raw.get("kind") == "npu":  # static parts over a fixed window (edge_qwen/npu.py)
         from edge_qwen.npu import load_npu
 

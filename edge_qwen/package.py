@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_qwen.config import QwenConfig
+from edge_qwen.config import SUPPORTED_ARCHITECTURE, QwenConfig
 from edge_qwen.errors import PackageError
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ MANIFEST = "edge_qwen.json"
 WEIGHTS = "model.onnx.data"  # every initializer's bytes (export/graph.py)
 FORMAT = "edge-qwen-package"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # ~3 kB in practice: anything this large is not a manifest
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,19 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise PackageError(f"{MANIFEST} is not an edge-qwen manifest (a JSON {type(d).__name__})")
         if d.get("format") != FORMAT:
             raise PackageError(f"{MANIFEST} is not an edge-qwen manifest (format={d.get('format')!r})")
         if d.get("format_version") != FORMAT_VERSION:
             raise PackageError(
                 f"package format version {d.get('format_version')} is not supported by this edge-qwen "
                 f"(reads version {FORMAT_VERSION}): re-export the model or upgrade edge-qwen"
+            )
+        architecture = d.get("architecture", SUPPORTED_ARCHITECTURE)
+        if architecture != SUPPORTED_ARCHITECTURE:
+            raise PackageError(
+                f"this package holds a {architecture} model; edge-qwen runs {SUPPORTED_ARCHITECTURE} only"
             )
         return cls(
             config=QwenConfig.from_dict(d["config"]),
@@ -56,9 +64,22 @@ class Manifest:
             inputs=tuple(d["io"]["inputs"]),
             outputs=tuple(d["io"]["outputs"]),
             stop_token_ids=tuple(int(i) for i in d["stop_token_ids"]),
-            files=d["files"],
+            files=_checked_files(d["files"]),
             raw=d,
         )
+
+
+def _checked_files(files: Any) -> dict[str, dict[str, Any]]:
+    """The manifest's file list: plain names in the package folder, each with an integer size."""
+    if not isinstance(files, dict):
+        raise TypeError(f"files must map names to sizes and hashes, got a {type(files).__name__}")
+    for name, meta in files.items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"file name {name!r} is not a plain name inside the package folder")
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"file {name!r} has no valid size ({meta!r:.80})")
+    return files
 
 
 def read_manifest(path: str | Path, verify_hashes: bool = False) -> Manifest:
@@ -75,11 +96,16 @@ def read_manifest(path: str | Path, verify_hashes: bool = False) -> Manifest:
         return genai_manifest(root)
     if not manifest_path.is_file():
         raise PackageError(
-            f"{root} has no {MANIFEST}: not an edge-qwen package, or its export did not finish"
+            f"{root} has no {MANIFEST}: not an edge-qwen package{_other_model(root)}, or its export "
+            "did not finish (export one with `edge-qwen export`)"
         )
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{manifest_path} is {manifest_path.stat().st_size} bytes: not a manifest")
     try:
-        manifest = Manifest.from_dict(json.loads(manifest_path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        manifest = Manifest.from_dict(json.loads(manifest_path.read_bytes()))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+        if isinstance(e, PackageError):
+            raise
         raise PackageError(f"{manifest_path} is corrupted ({e}): re-export the model") from e
     for name, meta in manifest.files.items():
         file = root / name
@@ -94,6 +120,16 @@ def read_manifest(path: str | Path, verify_hashes: bool = False) -> Manifest:
         if verify_hashes and sha256_file(file) != meta["sha256"]:
             raise PackageError(f"{root}: {name} does not match its sha256 in the manifest: re-export it")
     return manifest
+
+
+def _other_model(root: Path) -> str:
+    """', but a <architecture> model' when the folder's config.json names one, else ''."""
+    try:
+        config = json.loads((root / "config.json").read_bytes()[:MAX_MANIFEST_BYTES])
+        architectures = config.get("architectures") or [config["model_type"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    return f" but a {', '.join(map(str, architectures))} model folder"
 
 
 def sha256() -> Any:
