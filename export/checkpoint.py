@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,3 +65,40 @@ def expected_names(config: QwenConfig) -> Iterable[str]:
         yield f"{p}.self_attn.o_proj.weight"
         for proj in ("gate_proj", "up_proj", "down_proj"):
             yield f"{p}.mlp.{proj}.weight"
+
+
+def expected_shapes(config: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """Each tensor of a Qwen2ForCausalLM checkpoint with its shape (out_features, in_features)."""
+    h, ffn, head = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (h,),
+            f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (q, h),
+            f"{p}.self_attn.q_proj.bias": (q,),
+            f"{p}.self_attn.k_proj.weight": (kv, h),
+            f"{p}.self_attn.k_proj.bias": (kv,),
+            f"{p}.self_attn.v_proj.weight": (kv, h),
+            f"{p}.self_attn.v_proj.bias": (kv,),
+            f"{p}.self_attn.o_proj.weight": (h, q),
+            f"{p}.mlp.gate_proj.weight": (ffn, h),
+            f"{p}.mlp.up_proj.weight": (ffn, h),
+            f"{p}.mlp.down_proj.weight": (h, ffn),
+        }
+    return shapes
+
+
+def check_shapes(config: QwenConfig, shapes: Mapping[str, tuple[int, ...]], source: object) -> None:
+    """ValueError naming the first tensor of `shapes` whose shape is not what `config` implies."""
+    for name, expected in expected_shapes(config).items():
+        found = tuple(shapes.get(name, expected))
+        if found != expected:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {list(found)}, but the model's config implies "
+                f"{list(expected)}: the weights do not belong to this config"
+            )

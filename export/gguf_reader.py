@@ -24,7 +24,8 @@ from gguf.quants import dequantize
 
 from edge_qwen.config import SUPPORTED_ARCHITECTURE, QwenConfig
 
-from .checkpoint import Checkpoint, expected_names
+from .checkpoint import Checkpoint, check_shapes, expected_names
+from .gguf_header import check_gguf_header
 from .gguf_tokenizer import tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     missing = [name for name in expected_names(config) if name not in tensors]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors of a Qwen2 model, first {missing[0]}")
+    check_shapes(config, {name: _hf_shape(tensor) for name, tensor in tensors.items()}, path)
 
     tokenizer = tokenizer_from_gguf(metadata, model_max_length=config.max_position_embeddings)
 
@@ -103,6 +105,7 @@ def _open(path: Path) -> GGUFReader:
         magic = f.read(len(GGUF_MAGIC))
     if magic != GGUF_MAGIC:
         raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}")
+    check_gguf_header(path)  # every count, length and offset against the file, before gguf trusts them
     try:
         return GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError) as e:

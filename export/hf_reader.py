@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edge_qwen.config import QwenConfig
-from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
+from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, check_shapes, expected_names
 
 # safetensors dtype tag -> (numpy dtype of the stored bits, itemsize). bf16 has no numpy dtype: its
 # bits are read as uint16 and widened to float32 by a shift (bf16 is the top half of a float32).
@@ -35,6 +36,7 @@ def read_hf_folder(folder: str | Path) -> Checkpoint:
         raise ValueError(
             f"{root} is missing {len(missing)} tensors, e.g. {missing[0]}: incomplete checkpoint"
         )
+    check_shapes(config, {name: entry[2] for name, entry in index.entries.items()}, root)
     return Checkpoint(
         config=config,
         names=frozenset(index.entries),
@@ -68,25 +70,18 @@ def _weight_files(root: Path) -> list[Path]:
     raise FileNotFoundError(f"{root} has no *.safetensors weights")
 
 
+# The safetensors format's own bound on the JSON header (safetensors' MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+
+
 class _SafetensorsIndex:
     """Tensor name -> (file, dtype, shape, byte range), read from each shard's JSON header."""
 
     def __init__(self, shards: list[Path]) -> None:
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
         for shard in shards:
-            with open(shard, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            base = 8 + header_len
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                if meta["dtype"] not in _DTYPES:
-                    raise ValueError(
-                        f"{shard.name}: tensor {name} has dtype {meta['dtype']}; expected F32, F16 or BF16"
-                    )
-                start, end = meta["data_offsets"]
-                self.entries[name] = (shard, meta["dtype"], tuple(meta["shape"]), base + start, base + end)
+            for name, entry in read_safetensors_header(shard).items():
+                self.entries[name] = (shard, *entry)
 
     def load(self, name: str) -> np.ndarray:
         path, dtype, shape, start, end = self.entries[name]
@@ -96,6 +91,57 @@ class _SafetensorsIndex:
         if dtype == "BF16":
             return (stored.astype(np.uint32) << 16).view(np.float32)
         return stored.astype(np.float32)
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Tensor name -> (dtype, shape, start, end) in the file, every claim checked against the file.
+
+    A header that is not the format (a length past the file, broken JSON, offsets outside the data,
+    a byte count that does not match the shape) is a ValueError naming the file, found before any
+    tensor is read and in time and memory bounded by the file's size.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 2 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(
+                f"{path} is not a safetensors file: its header length {header_len} does not fit its "
+                f"{size} bytes (truncated or corrupted: download it again)"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+        base = 8 + header_len
+        return {
+            name: _safetensors_entry(name, meta, size - base, base)
+            for name, meta in header.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, TypeError, KeyError, RecursionError) as e:  # JSON and entry errors
+        raise ValueError(f"{path} has a corrupted safetensors header: {e}") from None
+
+
+def _safetensors_entry(
+    name: str, meta: Any, data_bytes: int, base: int
+) -> tuple[str, tuple[int, ...], int, int]:
+    dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {name} has dtype {dtype}; expected F32, F16 or BF16")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name} has shape {shape!r:.80}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise ValueError(f"tensor {name} has data_offsets {offsets!r:.80}, not [start, end]")
+    start, end = offsets
+    count = math.prod(shape)
+    if not 0 <= start <= end <= data_bytes or end - start != count * np.dtype(_DTYPES[dtype]).itemsize:
+        raise ValueError(
+            f"tensor {name} claims bytes {start}..{end} for {count} {dtype} values, in {data_bytes} "
+            "bytes of data"
+        )
+    return dtype, tuple(shape), base + start, base + end
 
 
 def _tokenizer_files(root: Path) -> TokenizerFiles:
