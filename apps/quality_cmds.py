@@ -110,7 +110,13 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     default=None,
     help="npu: the fixed window [1024].",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--force",
+    "--overwrite",
+    "overwrite",
+    is_flag=True,
+    help="Replace OUT if it exists; the new package takes its place only once complete.",
+)
 def export(
     source: str,
     out: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from edge_qwen import __version__
 from edge_qwen.cache import available_memory
 from edge_qwen.config import QwenConfig
+from edge_qwen.errors import PackageError
 from edge_qwen.export.builder import build_graph, io_names
 from edge_qwen.export.calibrate import (
     CALIBRATION_CHUNKS,
@@ -33,6 +35,8 @@ from edge_qwen.quant.texts import Text, builtin_text
 
 log = logging.getLogger(__name__)
 
+# A full disk, a full quota, or a file-size limit (ulimit -f).
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Qwen2.5 chat ends a turn with <|im_end|>, while its tokenizer config names <|endoftext|> as eos:
 # both must stop generation, whatever a checkpoint's configs say.
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -55,7 +59,9 @@ def write_package(
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: choose another folder or pass --overwrite")
+        raise FileExistsError(
+            f"{out} already exists: choose another folder, or pass --force (--overwrite) to replace it"
+        )
     opts = opts.for_model(ckpt.config)
     if opts.needs_hessians and calib_stats is None:
         opts = _gptq_or_imatrix(ckpt, opts)
@@ -67,8 +73,13 @@ def write_package(
             calib_stats = collect_statistics(ckpt, text, opts.needs_hessians, tmp, show_progress)
         _write_contents(ckpt, tmp, opts, show_progress, calib_stats, calibration, text)
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            raise PackageError(
+                f"no room to write the package in {out.parent} ({e.strerror}); nothing was left behind: "
+                "free space there or export to another disk"
+            ) from e
         raise
     return out
 
@@ -222,12 +233,14 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _replace_dir(new: Path, out: Path) -> None:
-    """Rename `new` to `out`; an existing `out` (overwrite) is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(new, out)
-        return
+    """Rename `new` to `out`; an existing `out` (overwrite) is moved aside first and removed after.
+
+    `out` is always the old package or the new one, never a mix; killed between the two renames, it
+    is absent and the old one waits aside until the next export there removes it.
+    """
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
-    os.replace(out, old)
+    if out.exists():
+        os.replace(out, old)
     os.replace(new, out)
     shutil.rmtree(old, ignore_errors=True)
