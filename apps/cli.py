@@ -58,6 +58,13 @@ def cli(verbose: bool) -> None:
     help="Wrap PROMPT in the model's chat template, or feed it as is.",
 )
 @click.option("--system", default=None, help="System message (chat mode).")
+@click.option("--json", "json_object", is_flag=True, help="Constrain the output to a JSON object.")
+@click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Constrain the output to JSON valid against this JSON schema file.",
+)
+@click.option("--regex", default=None, help="Constrain the output to match this regular expression.")
 @click.option("--provider", default="cpu", show_default=True, help="cpu, xnnpack, qnn, nnapi, coreml.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: physical cores].")
 def generate(
@@ -65,13 +72,17 @@ def generate(
     prompt: str,
     chat: bool,
     system: str | None,
+    json_object: bool,
+    json_schema: Path | None,
     provider: str,
     threads: int | None,
     **options: Any,
 ) -> None:
     """Generate a completion of PROMPT; prints only the completion to stdout."""
     import edge_qwen
+    from edge_qwen.apps.structured_opts import response_format
 
+    options["response_format"] = response_format(json_object, json_schema)
     config = edge_qwen.GenerationConfig(**options)  # bad values fail before the model loads
     m = edge_qwen.load(model, provider=provider, threads=threads)
     for piece in m.stream(prompt, config, chat=chat, system=system):

@@ -23,6 +23,7 @@ _HOMES = {
     "SamplerConfig": "edge_qwen.sampling",
     "ChatSession": "edge_qwen.session",
     "TurnStats": "edge_qwen.session",
+    "ToolCall": "edge_qwen.tool_calls",
 }
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "PackageError",
     "SamplerConfig",
     "StreamPiece",
+    "ToolCall",
     "TurnStats",
     "__version__",
     "available_providers",
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from edge_qwen.providers import available_providers
     from edge_qwen.sampling import SamplerConfig
     from edge_qwen.session import ChatSession, TurnStats
+    from edge_qwen.tool_calls import ToolCall
 
 
 def __getattr__(name: str) -> Any:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from edge_qwen.cache import KVCache
+from edge_qwen.constraints import ConstrainedSampler, Constraint, check_response_format, check_tool_choice
 from edge_qwen.detokenize import StreamDecoder
 from edge_qwen.engine import Engine
 from edge_qwen.sampling import Sampler, SamplerConfig
+from edge_qwen.tool_calls import ToolCall
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -19,11 +24,20 @@ class GenerationConfig(SamplerConfig):
 
     `stop` strings may span tokens; the text never includes them. `stop_ids` add to the package's
     own stop ids (`<|im_end|>`, `<|endoftext|>`).
+
+    Constraints (docs/structured.md), at most one per generation: `response_format` in OpenAI's
+    shapes ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": {...}}}),
+    a `regex`, or a Lark `grammar`. `tool_choice` ("auto", "none", "required" or
+    {"type": "function", "function": {"name": ...}}) applies to chats with tools.
     """
 
     max_tokens: int = 256
     stop: Sequence[str] = ()  # kept as a tuple
     stop_ids: Sequence[int] = ()  # kept as a tuple
+    response_format: Mapping[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    tool_choice: str | Mapping[str, Any] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -37,6 +51,12 @@ class GenerationConfig(SamplerConfig):
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop_ids):
             raise ValueError(f"stop_ids must be token ids (integers >= 0), got {self.stop_ids!r}")
         object.__setattr__(self, "stop_ids", stop_ids)
+        check_response_format(self.response_format)
+        check_tool_choice(self.tool_choice)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r:.80}")
 
     @classmethod
     def of(cls, config: GenerationConfig | None, options: Mapping[str, Any]) -> GenerationConfig:
@@ -64,7 +84,8 @@ class StreamPiece:
     generated_tokens: int
     prefill_seconds: float
     decode_seconds: float
-    finish_reason: str | None = None  # None while generating, then "stop" or "length"
+    finish_reason: str | None = None  # None while generating, then "stop", "length" or "tool_calls"
+    tool_calls: tuple[ToolCall, ...] = ()  # on a chat turn's last piece: the answer's function calls
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -111,11 +132,19 @@ class StopStrings:
 
 
 def stream_pieces(
-    engine: Engine, prompt_ids: list[int], cache: KVCache, config: GenerationConfig
+    engine: Engine,
+    prompt_ids: list[int],
+    cache: KVCache,
+    config: GenerationConfig,
+    constraint: Constraint | None = None,
 ) -> Iterator[StreamPiece]:
-    """Generate after `prompt_ids` (reusing what `cache` holds of them), yielding one piece per token."""
+    """Generate after `prompt_ids` (reusing what `cache` holds of them), yielding one piece per token.
+
+    With a constraint, every token keeps the output valid and generation stops once it is complete.
+    """
     stop_ids = engine.stop_token_ids | frozenset(config.stop_ids)
-    tokens = engine.generate_tokens(prompt_ids, config.sampler(), config.max_tokens, cache, stop_ids)
+    sampler = config.sampler() if constraint is None else ConstrainedSampler(config.sampler(), constraint)
+    tokens = engine.generate_tokens(prompt_ids, sampler, config.max_tokens, cache, stop_ids)
     decoder = StreamDecoder(engine.tokenizer)
     stops = StopStrings(config.stop)
     start = time.perf_counter()
@@ -125,11 +154,18 @@ def stream_pieces(
         first_token_at = now if n == 1 else first_token_at
         at_stop_id = token in stop_ids
         text, at_stop_string = stops.push("" if at_stop_id else decoder.push(token))
-        finish = "stop" if at_stop_id or at_stop_string else "length" if n == config.max_tokens else None
+        # A complete constrained output ends here: its stop token would cost one more step.
+        done = at_stop_id or at_stop_string or (constraint is not None and constraint.complete)
+        finish = "stop" if done else "length" if n == config.max_tokens else None
+        if finish == "length" and constraint is not None:
+            log.warning(
+                "the constrained output was cut at max_tokens=%d before it was complete: raise max_tokens",
+                config.max_tokens,
+            )
         if finish is not None and not at_stop_string:
             tail, at_stop_string = stops.push(decoder.flush())
             text += tail if at_stop_string else tail + stops.flush()
-            finish = "stop" if at_stop_string else finish
+            finish = "stop" if at_stop_string or done else finish
         yield StreamPiece(
             text, token, len(prompt_ids), n, first_token_at - start, now - first_token_at, finish
         )

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from edge_qwen.cache import KVCache
+from edge_qwen.constraints import Constraint, compile_constraint, grammar_for
 from edge_qwen.engine import Engine, Prompt, check_context
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
 from edge_qwen.session import ChatSession
@@ -33,17 +34,22 @@ class Model(Engine):
         """Generate from a prompt, yielding one piece per token with the text it completes.
 
         `options` are GenerationConfig fields (max_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_ids) and override
-        `config`. Options and the prompt are checked here, before the first piece.
+        repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_ids, and the
+        constraints response_format, regex, grammar) and override `config`. Options, constraints and
+        the prompt are checked here, before the first piece.
         """
         config = GenerationConfig.of(config, options)
+        grammar = grammar_for(config)
+        constraint = None if grammar is None else compile_constraint(self, grammar)
         prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
         check_context(len(prompt_ids), config.max_tokens, self.manifest.max_context)
-        return self.serialized(self._one_shot(prompt_ids, config))
+        return self.serialized(self._one_shot(prompt_ids, config, constraint))
 
-    def _one_shot(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[StreamPiece]:
+    def _one_shot(
+        self, prompt_ids: list[int], config: GenerationConfig, constraint: Constraint | None
+    ) -> Iterator[StreamPiece]:
         cache = KVCache(self.config, len(prompt_ids) + config.max_tokens)  # all this generation needs
-        yield from stream_pieces(self, prompt_ids, cache, config)
+        yield from stream_pieces(self, prompt_ids, cache, config, constraint)
 
     def generate(self, prompt: Prompt, config: GenerationConfig | None = None, **options: Any) -> str:
         """Generate and return the whole completion (without stop ids or stop strings)."""

@@ -3,7 +3,8 @@
 Every step takes logits of shape (vocab,) float32 and returns new logits; a token a step removes gets
 -inf. Steps never fully sort the vocabulary (151,936 for Qwen2.5): top-k and top-p select candidates
 with a partition, so a step costs a few O(vocab) passes. The order follows transformers' generate:
-penalties, temperature, top-k, top-p, min-p, then a draw from the softmax over the survivors.
+a constraint's mask (edge_qwen/constraints.py), penalties, temperature, top-k, top-p, min-p, then a
+draw from the softmax over the survivors.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ NEG_INF = np.float32(-np.inf)
 DRAW_BLOCK = 1024
 
 LogitsStep = Callable[[np.ndarray], np.ndarray]
+
+
+def apply_mask(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Mask every token whose entry in the (vocab,) bool array `allowed` is False."""
+    if allowed.shape != logits.shape:
+        raise ValueError(f"allowed must have the logits' shape {logits.shape}, got {allowed.shape}")
+    if not allowed.any():
+        raise ValueError("allowed permits no token: a constraint must leave at least one")
+    return np.where(allowed, logits, NEG_INF)
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -254,16 +264,25 @@ class Sampler:
         return self.config.temperature == 0.0
 
     def __call__(
-        self, logits: np.ndarray, history: Sequence[int] | np.ndarray = (), *, prompt_len: int = 0
+        self,
+        logits: np.ndarray,
+        history: Sequence[int] | np.ndarray = (),
+        *,
+        prompt_len: int = 0,
+        allowed: np.ndarray | None = None,
     ) -> int:
         """The next token id; history is the ids so far, of which the first prompt_len are the prompt.
 
-        The repetition penalty looks at all of history; presence and frequency penalties, as in
-        OpenAI's API, count only the generated part, history[prompt_len:].
+        `allowed`, a (vocab,) bool array, masks the tokens it marks False before anything else, so
+        the penalties, temperature, top-k and top-p see only tokens a constraint permits. The
+        repetition penalty looks at all of history; presence and frequency penalties, as in OpenAI's
+        API, count only the generated part, history[prompt_len:].
         """
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1:
             raise ValueError(f"logits must have shape (vocab,), got {logits.shape}")
+        if allowed is not None:
+            logits = apply_mask(logits, allowed)
         if self._penalized:
             logits = self._penalize(logits, np.asarray(history, dtype=np.int64).reshape(-1), prompt_len)
         if self.greedy:

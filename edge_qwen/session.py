@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_qwen.cache import KVCache
 from edge_qwen.chat_template import check_messages
+from edge_qwen.constraints import Constraint, compile_constraint, grammar_for
 from edge_qwen.engine import Engine
 from edge_qwen.errors import ContextFullError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
+from edge_qwen.tool_calls import ToolCall, ToolCallStream, arguments_as_objects
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,9 @@ class TurnStats:
     generated_tokens: int
     prefill_seconds: float
     decode_seconds: float
-    finish_reason: str | None  # "stop", "length", or "interrupted" when the stream was closed early
+    finish_reason: str | None  # "stop", "length", "tool_calls", or "interrupted" when closed early
     dropped_messages: int = 0  # oldest messages dropped to fit the context (overflow="truncate-oldest")
+    tool_calls: tuple[ToolCall, ...] = ()  # the answer's function calls (chats with tools)
 
 
 class ChatSession:
@@ -96,8 +99,9 @@ class ChatSession:
         if text is None and (not self._messages or self._messages[-1]["role"] == "assistant"):
             raise ValueError("nothing to reply to: the conversation does not end with a user message")
         new = [] if text is None else [{"role": "user", "content": text}]
+        constraint = self._constraint(config)
         messages, prompt_ids, dropped = self._fit([*self._messages, *new], config.max_tokens)
-        return self.model.serialized(self._turn(messages, prompt_ids, dropped, config))
+        return self.model.serialized(self._turn(messages, prompt_ids, dropped, config, constraint))
 
     def stream_messages(
         self,
@@ -118,8 +122,20 @@ class ChatSession:
         if not conversation or conversation[-1].get("role") == "assistant":
             raise ValueError("nothing to reply to: the messages must end with a user or tool message")
         self.tools = tools
+        constraint = self._constraint(config)
         fitted, prompt_ids, dropped = self._fit(conversation, config.max_tokens)
-        return self.model.serialized(self._turn(fitted, prompt_ids, dropped, config))
+        return self.model.serialized(self._turn(fitted, prompt_ids, dropped, config, constraint))
+
+    def add_tool_result(self, tool_call_id: str, content: str) -> None:
+        """Add a tool's result for the call `tool_call_id` of the last answer; reply with stream(None)."""
+        if not isinstance(content, str):
+            raise ValueError(f"a tool result must be a string (e.g. JSON text), got {type(content).__name__}")
+        answers = [i for i, m in enumerate(self._messages) if m["role"] == "assistant"]
+        after = self._messages[answers[-1] + 1 :] if answers else []
+        asked = [c["id"] for c in self._messages[answers[-1]].get("tool_calls", ())] if answers else []
+        if tool_call_id not in asked or any(m["role"] != "tool" for m in after):
+            raise ValueError(f"no tool call {tool_call_id!r} to answer: the last answer called {asked}")
+        self._messages.append({"role": "tool", "tool_call_id": tool_call_id, "content": content})
 
     def send(self, text: str | None, config: GenerationConfig | None = None, **options: Any) -> str:
         """Add a user message and return the whole reply."""
@@ -162,21 +178,34 @@ class ChatSession:
         self.cache.reset()
         self.stats.clear()
 
+    def _constraint(self, config: GenerationConfig) -> Constraint | None:
+        """The turn's compiled constraint (response_format, regex, grammar or a required tool call)."""
+        grammar = grammar_for(config, self.tools, self.model.tokenizer)
+        return None if grammar is None else compile_constraint(self.model, grammar)
+
     def _turn(
-        self, messages: list[Message], prompt_ids: list[int], dropped: int, config: GenerationConfig
+        self,
+        messages: list[Message],
+        prompt_ids: list[int],
+        dropped: int,
+        config: GenerationConfig,
+        constraint: Constraint | None,
     ) -> Iterator[StreamPiece]:
         reused = self.cache.rewind_to(prompt_ids)
+        calls = ToolCallStream() if self.tools and config.tool_choice != "none" else None
         reply: list[str] = []
         last: StreamPiece | None = None
         finished = False
         try:
-            for last in stream_pieces(self.model, prompt_ids, self.cache, config):
+            for last in stream_pieces(self.model, prompt_ids, self.cache, config, constraint):
+                if calls is not None:
+                    last = _without_calls(last, calls)
                 reply.append(last.text)
                 yield last
             finished = True
         finally:
             if last is not None:  # a closed stream (GeneratorExit) keeps what it produced
-                self._messages = [*messages, {"role": "assistant", "content": "".join(reply)}]
+                self._messages = [*messages, _answer("".join(reply), last.tool_calls)]
                 reason = last.finish_reason if finished else "interrupted"
                 self.stats.append(_stats(last, reused, reason, dropped))
 
@@ -185,7 +214,7 @@ class ChatSession:
         check_messages(messages)
         dropped = 0
         while True:
-            ids = self.model.encode_prompt(messages, tools=self.tools)
+            ids = self.model.encode_prompt(arguments_as_objects(messages), tools=self.tools)
             if len(ids) + max_tokens <= self.cache.max_len:
                 if dropped:
                     log.info("dropped the %d oldest messages to fit the context", dropped)
@@ -226,6 +255,23 @@ def _oldest_turn(messages: list[Message]) -> int:
     return 0
 
 
+def _without_calls(piece: StreamPiece, calls: ToolCallStream) -> StreamPiece:
+    """The piece with tool-call text held back; the last piece carries the parsed calls."""
+    text = calls.push(piece.text)
+    if piece.finish_reason is None:
+        return replace(piece, text=text)
+    tail, found = calls.finish()
+    reason = "tool_calls" if found else piece.finish_reason
+    return replace(piece, text=text + tail, tool_calls=found, finish_reason=reason)
+
+
+def _answer(text: str, calls: tuple[ToolCall, ...]) -> Message:
+    """The assistant message for an answer, in OpenAI's shape when it calls tools."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": [c.message() for c in calls]}
+
+
 def _stats(last: StreamPiece, reused: int, finish_reason: str | None, dropped: int) -> TurnStats:
     return TurnStats(
         prompt_tokens=last.prompt_tokens,
@@ -236,4 +282,5 @@ def _stats(last: StreamPiece, reused: int, finish_reason: str | None, dropped: i
         decode_seconds=last.decode_seconds,
         finish_reason=finish_reason,
         dropped_messages=dropped,
+        tool_calls=last.tool_calls,
     )
