@@ -51,13 +51,39 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+# The most a template's `*` may make (characters or items) and the largest exponent of its `**`: real
+# chat templates repeat a few spaces; `'a' * 10**10` would take the process's memory.
+MAX_REPEAT = 1_000_000
+MAX_EXPONENT = 64
+
+
 def _sandbox() -> ImmutableSandboxedEnvironment:
-    """A jinja2 environment with the filters and globals chat templates expect."""
+    """A jinja2 environment with the filters and globals chat templates expect.
+
+    No loader: `include`, `import` and `extends` find no template (TemplateNotFound), so a template
+    reads no file. `*` and `**` are bounded (jinja2's intercepted_binops), as `range` already is.
+    """
     import jinja2.ext
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
+            counts = [abs(v) for v in (left, right) if isinstance(v, int)]
+            if operator == "*" and sizes and counts and sizes[0] * counts[0] > MAX_REPEAT:
+                raise SecurityError(f"the template repeats a value {counts[0]} times (at most {MAX_REPEAT})")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+                raise SecurityError(f"the template raises to the power {right} (at most {MAX_EXPONENT})")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols],
+        loader=jinja2.DictLoader({}),
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -104,7 +130,7 @@ class ChatTemplate:
 
         try:
             return self._template.render(context)
-        except jinja2.TemplateError as exc:  # SecurityError, UndefinedError, ...
+        except (jinja2.TemplateError, OverflowError) as exc:  # SecurityError, UndefinedError, big range()
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
 
