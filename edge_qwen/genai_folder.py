@@ -21,6 +21,7 @@ from edge_qwen.package import Manifest
 
 GENAI_CONFIG = "genai_config.json"
 FORMAT = "onnxruntime-genai"
+KV = ("key", "value")
 OUR_GRAPH = "edge_qwen_qwen2"  # export/writer.py's graph name
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Qwen2.5's turn and text terminators
 # The decoder convention our engine binds (edge_qwen/cache.py, engine.py).
@@ -37,9 +38,65 @@ EXPECTED_NAMES = {
 
 def genai_manifest(root: Path) -> Manifest:
     """A Manifest for an onnxruntime-genai folder; PackageError naming what it lacks or we cannot run."""
+    model, decoder = read_genai_config(root)
+    facts = graph_facts(root / "model.onnx")
+    config = QwenConfig(
+        vocab_size=int(model["vocab_size"]),
+        hidden_size=int(decoder["hidden_size"]),
+        intermediate_size=facts["intermediate_size"],
+        num_hidden_layers=int(decoder["num_hidden_layers"]),
+        num_attention_heads=int(decoder["num_attention_heads"]),
+        num_key_value_heads=int(decoder["num_key_value_heads"]),
+        head_dim=int(decoder["head_size"]),
+        rms_norm_eps=facts["rms_norm_eps"],
+        rope_theta=rope_theta(facts["cos_row"], facts["sin_row"], int(decoder["head_size"])),
+        max_position_embeddings=facts["max_positions"],
+        tie_word_embeddings=False,  # the builder writes lm_head's matrix apart from the embedding's
+    )
+    layers = range(config.num_hidden_layers)
+    io = {
+        "inputs": [
+            "input_ids",
+            "attention_mask",
+            *(f"past_key_values.{i}.{kv}" for i in layers for kv in KV),
+        ],
+        "outputs": ["logits", *(f"present.{i}.{kv}" for i in layers for kv in KV)],
+    }
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": None} for p in sorted(root.iterdir()) if p.is_file()
+    }
+    stops = stop_ids(root, model)
+    raw: dict[str, Any] = {
+        "format": FORMAT,
+        "kind": "cpu",
+        "tool": "onnxruntime-genai model builder",
+        "config": config.to_dict(),
+        "precision": facts["precision"],
+        "max_context": int(model["context_length"]),
+        "logits": "all",  # no logits_start: the lm_head runs on every position
+        "runs_in": {"onnxruntime-genai": "yes", "optimum": "no: no config.json or position_ids input"},
+        "io": io,
+        "op_counts": facts["op_counts"],
+        "stop_token_ids": stops,
+        "files": files,  # no recorded hashes: sizes only
+    }
+    return Manifest(
+        config=config,
+        precision=raw["precision"],
+        max_context=raw["max_context"],
+        logits="all",
+        inputs=tuple(io["inputs"]),
+        outputs=tuple(io["outputs"]),
+        stop_token_ids=tuple(stops),
+        files=files,
+        raw=raw,
+    )
+
+
+def read_genai_config(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """genai_config.json's model and decoder sections, checked against what our engine binds."""
     try:
-        genai = json.loads((root / GENAI_CONFIG).read_text())
-        model = genai["model"]
+        model = json.loads((root / GENAI_CONFIG).read_text())["model"]
         decoder = model["decoder"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise PackageError(f"{root / GENAI_CONFIG} is not a readable onnxruntime-genai config ({e})") from e
@@ -58,50 +115,7 @@ def genai_manifest(root: Path) -> Manifest:
     for name in ("model.onnx", "tokenizer.json"):
         if not (root / name).is_file():
             raise PackageError(f"{root}: {name} is missing: the onnxruntime-genai folder is incomplete")
-    facts = graph_facts(root / "model.onnx")
-    config = QwenConfig(
-        vocab_size=int(model["vocab_size"]),
-        hidden_size=int(decoder["hidden_size"]),
-        intermediate_size=facts["intermediate_size"],
-        num_hidden_layers=int(decoder["num_hidden_layers"]),
-        num_attention_heads=int(decoder["num_attention_heads"]),
-        num_key_value_heads=int(decoder["num_key_value_heads"]),
-        head_dim=int(decoder["head_size"]),
-        rms_norm_eps=facts["rms_norm_eps"],
-        rope_theta=rope_theta(facts["cos_row"], facts["sin_row"], int(decoder["head_size"])),
-        max_position_embeddings=facts["max_positions"],
-        tie_word_embeddings=False,  # the builder writes lm_head's matrix apart from the embedding's
-    )
-    layers = range(config.num_hidden_layers)
-    past = [f"past_key_values.{i}.{kv}" for i in layers for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in layers for kv in ("key", "value")]
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": None} for p in sorted(root.iterdir()) if p.is_file()
-    }
-    raw: dict[str, Any] = {
-        "format": FORMAT,
-        "kind": "cpu",
-        "tool": "onnxruntime-genai model builder",
-        "precision": facts["precision"],
-        "max_context": int(model["context_length"]),
-        "logits": "all",
-        "runs_in": {"onnxruntime-genai": "yes", "optimum": "no: no config.json or position_ids input"},
-        "io": {"inputs": ["input_ids", "attention_mask", *past], "outputs": ["logits", *present]},
-        "op_counts": facts["op_counts"],
-        "stop_token_ids": stop_ids(root, model),
-        "files": files,
-    }
-    return Manifest(
-        config=config,
-        precision=raw["precision"],
-        max_context=raw["max_context"],
-        logits="all",
-        inputs=tuple(raw["io"]["inputs"]),
-        outputs=tuple(raw["io"]["outputs"]),
-        stop_token_ids=tuple(raw["stop_token_ids"]),
-        files=files,
-        raw={**raw, "config": config.to_dict()},
-    )
+    return model, decoder
 
 
 def stop_ids(root: Path, model: dict[str, Any]) -> list[int]:
