@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from edge_qwen.cache import KVCache
 from edge_qwen.config import QwenConfig
-from edge_qwen.engine import check_context, parse_tokenizer
+from edge_qwen.engine import parse_tokenizer
 from edge_qwen.errors import PackageError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
 from edge_qwen.model import Model
@@ -211,9 +211,9 @@ class NpuModel(Model):
         """Logits (n, vocab) of every position of ids, from an empty cache (for evaluation)."""
         return self.runner.forward(ids, self.new_cache(), all_logits=True)
 
-    def _one_shot(self, prompt_ids: list[int], config: GenerationConfig) -> Iterator[StreamPiece]:
-        check_context(len(prompt_ids), config.max_tokens, self.runner.layout.context)
-        yield from stream_pieces(self, prompt_ids, self.new_cache(), config)
+    def _one_shot(self, prompt_ids: list[int], config: GenerationConfig, *rest: Any) -> Iterator[StreamPiece]:
+        # Model's, with the window for a cache; `rest` passes on what Model's passes (a constraint).
+        yield from stream_pieces(self, prompt_ids, self.new_cache(), config, *rest)
 
 
 def load_npu(

@@ -26,9 +26,11 @@ from edge_qwen.quant.texts import builtin_text
 
 NPU_PRECISIONS = ("w8a16", "w4a16", "fp32")
 CONTEXTS = (1024, 2048, 4096)
-# The weights one part may hold. A part becomes one QNN context binary on the device; this keeps each
-# well within what a phone maps for one binary, and a 0.5B body at int8 (360 MB) in two parts.
-PART_BYTES = 256 * 2**20
+# The weights one part may hold. A part becomes one QNN context binary on the device: a conservative
+# bound (the largest binary a given phone takes is not measured here), which also keeps the float
+# part that quantization loads, calibrates and re-encodes within ~4 GB of memory. The 0.5B: three
+# parts at int8 (about 120 MB each), two at int4.
+PART_BYTES = 128 * 2**20
 CALIBRATION_STEPS = 3  # prefill runs of calibration text: a few hundred tokens at the default length
 
 
@@ -53,12 +55,14 @@ class NpuOptions:
 
 
 def split_layers(cfg: QwenConfig, bits: int, part_bytes: int) -> list[range]:
-    """Consecutive layers per part, each part's weights at most part_bytes (at least one layer)."""
+    """The layers in as few parts as keep each part's weights under part_bytes, sized evenly."""
     h, ffn, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = (h * h * 2 + 2 * h * kv + 3 * h * ffn) * bits // 8
-    n = max(1, part_bytes // per_layer)
+    params = h * h * 2 + 2 * h * kv + 3 * h * ffn
+    per_layer = params * bits // 8 + params // 64  # + LPBQ's uint8 block scales (blocks of 64)
     layers = cfg.num_hidden_layers
-    return [range(start, min(start + n, layers)) for start in range(0, layers, n)]
+    parts = min(layers, -(-layers * per_layer // part_bytes))
+    size = -(-layers // parts)
+    return [range(start, min(start + size, layers)) for start in range(0, layers, size)]
 
 
 def write_npu_package(
