@@ -79,6 +79,8 @@ def _checked_files(files: Any) -> dict[str, dict[str, Any]]:
         size = meta.get("size") if isinstance(meta, dict) else None
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"file {name!r} has no valid size ({meta!r:.80})")
+        if not isinstance(meta.get("sha256"), str):
+            raise ValueError(f"file {name!r} has no sha256 ({meta!r:.80})")
     return files
 
 
