@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from edge_qwen.generation import GenerationConfig
 
 RESPONSE_TYPES = ("text", "json_object", "json_schema")
+# JSON may be laid out as the model likes (Qwen2.5 writes it indented), but each gap between tokens
+# is bounded: unbounded whitespace lets a small model pad forever instead of closing the object.
+JSON_WHITESPACE = r"[ \n]{0,20}"
 TOOL_CHOICES = ("auto", "none", "required")
 
 # Parsing tokenizer.json into llguidance's trie takes seconds for Qwen2.5's vocabulary: once per engine.
@@ -103,15 +106,22 @@ def grammar_for(
 
 
 def _response_grammar(response_format: Mapping[str, Any] | None) -> str | None:
-    import llguidance
 
     kind = None if response_format is None else response_format["type"]
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+        return _json_grammar({"type": "object"})
     if kind == "json_schema":
         assert response_format is not None
-        return llguidance.LLMatcher.grammar_from_json_schema(dict(response_format["json_schema"]["schema"]))
+        return _json_grammar(dict(response_format["json_schema"]["schema"]))
     return None
+
+
+def _json_grammar(schema: dict[str, Any]) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema(
+        schema, overrides={"whitespace_pattern": JSON_WHITESPACE}
+    )
 
 
 def _forced_tool_grammar(
@@ -135,7 +145,8 @@ def _forced_tool_grammar(
     if not functions:
         raise ValueError("tool_choice 'required' needs tools: pass tools=[...] to the chat")
     calls = [_call_schema(f) for f in functions]
-    schema = json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls}, ensure_ascii=False)
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = json.dumps({**call, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}, ensure_ascii=False)
     open_, close = _literal(tokenizer, "<tool_call>"), _literal(tokenizer, "</tool_call>")
     lark = f'start: {open_} "\\n" body "\\n" {close}\nbody: %json {schema}\n'
     import llguidance

@@ -129,12 +129,13 @@ class ToolCallStream:
         start = buffer.find(OPEN)
         if start >= 0:
             self._held, self._pending = buffer[start:], ""
-            return buffer[:start]
-        keep = next(
+            return buffer[:start].rstrip()  # the whitespace that led up to the call goes with it
+        partial = next(
             (n for n in range(min(len(OPEN) - 1, len(buffer)), 0, -1) if buffer.endswith(OPEN[:n])), 0
         )
-        self._pending = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep]
+        shown = buffer[: len(buffer) - partial].rstrip()  # whitespace waits: it may precede a call
+        self._pending = buffer[len(shown) :]
+        return shown
 
     def finish(self) -> tuple[str, tuple[ToolCall, ...]]:
         if self._held is None:
