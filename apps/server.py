@@ -25,15 +25,18 @@ from edge_qwen.apps.server_openai import (
     new_id,
     parse_chat,
     parse_completion,
+    tool_calls_delta,
     usage,
     usage_chunk,
 )
 from edge_qwen.apps.server_pool import CachePool, FairQueue, QueueFull, QueueTimeout
 from edge_qwen.cache import KVCache, common_prefix_len
+from edge_qwen.chat_template import check_messages
 from edge_qwen.errors import EdgeQwenError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
 from edge_qwen.model import Model
 from edge_qwen.session import ChatSession
+from edge_qwen.tool_calls import ToolCall, arguments_as_objects
 
 
 class Exchange(Protocol):
@@ -55,6 +58,7 @@ class Outcome:
     text: str
     finish_reason: str
     generated: int
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class OpenAIApp:
@@ -83,11 +87,13 @@ class OpenAIApp:
     def chat(self, ex: Exchange, body: Any) -> None:
         request = parse_chat(body, self.limits)
         with self._turn(ex):
-            prompt_ids = self._encode(lambda: self.model.encode_prompt(request.messages))
+            prompt_ids = self._encode(lambda: self._chat_ids(request))
             cache = self.pool.take(prompt_ids)
             config = self._fit(request, len(prompt_ids), cache)
             session = ChatSession(self.model, None, config, cache=cache)
-            pieces = self._checked(lambda: session.stream_messages(request.messages, config))
+            pieces = self._checked(
+                lambda: session.stream_messages(request.messages, config, tools=request.tools)
+            )
             outcome = self._respond(ex, request, pieces, "chat.completion.chunk")
             stats = session.last_stats
             cached = stats.reused_tokens if stats is not None else 0
@@ -104,6 +110,11 @@ class OpenAIApp:
             pieces = self.model.serialized(stream_pieces(self.model, prompt_ids, cache, config))
             outcome = self._respond(ex, request, pieces, "text_completion")
         self._finish(ex, request, outcome, len(prompt_ids), cached, "text_completion")
+
+    def _chat_ids(self, request: ChatRequest) -> list[int]:
+        """The prompt's ids as the session will render them: the pool picks a cache by them."""
+        messages = arguments_as_objects(check_messages(request.messages))
+        return self.model.encode_prompt(messages, tools=request.tools)
 
     @contextmanager
     def _turn(self, ex: Exchange) -> Iterator[None]:
@@ -168,7 +179,9 @@ class OpenAIApp:
                     break  # "length": cut short
         finally:
             pieces.close()  # GeneratorExit stops the step generator and releases the model
-        return Outcome(rid, "".join(text), finish, last.generated_tokens if last is not None else 0)
+        generated = last.generated_tokens if last is not None else 0
+        calls = last.tool_calls if last is not None else ()
+        return Outcome(rid, "".join(text), finish, generated, calls)
 
     def _delta(
         self, rid: str, kind: str, text: str, finish: str | None, request: ChatRequest
@@ -188,11 +201,13 @@ class OpenAIApp:
         if ex.client_gone():
             return
         if request.stream:
+            if out.tool_calls:
+                ex.event(chat_chunk(rid, self.name, tool_calls_delta(out.tool_calls), None))
             ex.event(self._delta(rid, kind, "", out.finish_reason, request))
             if request.include_usage:
                 ex.event(usage_chunk(rid, self.name, kind, use))
             ex.done()
         elif kind.startswith("chat"):
-            ex.json(200, chat_response(rid, self.name, out.text, out.finish_reason, use))
+            ex.json(200, chat_response(rid, self.name, out.text, out.tool_calls, out.finish_reason, use))
         else:
             ex.json(200, completion_response(rid, self.name, out.text, out.finish_reason, use))

@@ -110,6 +110,9 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.limits.read_timeout  # each socket read waits at most this
         super().setup()
+        # Each event is one small write: without this, Nagle's algorithm holds it back until the
+        # client acknowledges the previous one.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
         self._serve("GET")

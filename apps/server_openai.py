@@ -1,10 +1,11 @@
 """OpenAI's request and response shapes: JSON bodies in, GenerationConfig and messages out, and back.
 
 Fields follow OpenAI's API reference for /v1/chat/completions and /v1/completions, plus the sampler
-fields llama-server and vLLM accept (top_k, min_p, repetition_penalty). A field that only describes
-the caller (user, metadata, store) is ignored, as OpenAI's own API does with no effect; a field whose
-request we cannot honour (logprobs, n > 1, logit_bias) is a 400 naming it, and so is an unknown field
-("Unrecognized request argument supplied", OpenAI's answer).
+fields llama-server and vLLM accept (top_k, min_p, repetition_penalty). response_format and
+tools / tool_choice go to the runtime's structured output (docs/structured.md). A field that only
+describes the caller (user, metadata, store) is ignored; a field whose request we cannot honour
+(logprobs, n > 1, logit_bias) is a 400 naming it, and so is an unknown field ("Unrecognized request
+argument supplied", OpenAI's answer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_qwen.generation import GenerationConfig
+from edge_qwen.tool_calls import ToolCall
 
 # The model's own recommended sampling (Qwen2.5's generation_config.json), used for omitted fields.
 DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
@@ -96,9 +98,7 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
     body = _object(body)
     _known_fields(body, CHAT_FIELDS)
     _refuse(body, "logprobs", "top_logprobs", "logit_bias")
-    for name in ("response_format", "tools", "tool_choice"):
-        if body.get(name) is not None and not (name == "response_format" and _is_text(body[name])):
-            raise RequestError(f"{name} is not supported by this server yet", name)
+    tools = _tools(body)
     messages = [_message(m, i) for i, m in enumerate(_list(body, "messages", required=True))]
     if not messages:
         raise RequestError("messages must hold at least one message", "messages")
@@ -106,11 +106,21 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
         raise RequestError(f"too many messages: {len(messages)} > {limits.max_messages}", "messages")
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     stream, include_usage = _streaming(body)
+    config = _config(body, limits, max_name, default_max=limits.max_tokens)
+    structured = {
+        name: body[name] for name in ("response_format", "tool_choice") if body.get(name) is not None
+    }
+    for name, value in structured.items():
+        try:
+            config = GenerationConfig.of(config, {name: value})
+        except ValueError as e:
+            raise RequestError(str(e), name) from None
     return ChatRequest(
-        config=_config(body, limits, max_name, default_max=limits.max_tokens),
+        config=config,
         messages=messages,
         stream=stream,
         include_usage=include_usage,
+        tools=tools,
         max_tokens_given=body.get(max_name) is not None,
     )
 
@@ -195,11 +205,28 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     if not isinstance(content, str):
         raise RequestError(f"{where}.content must be a string or a list of text parts", f"{where}.content")
     out: dict[str, Any] = {"role": role, "content": content}
-    if message.get("tool_calls") or role == "tool":
-        raise RequestError(
-            f"{where}: tool messages and tool calls are not supported by this server yet", where
-        )
+    if role == "assistant" and message.get("tool_calls"):
+        out["tool_calls"] = message["tool_calls"]  # checked where the template renders them
+        out["content"] = content or None
+    if role == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise RequestError(f"{where}.tool_call_id must name the call it answers", f"{where}.tool_call_id")
+        out["tool_call_id"] = message["tool_call_id"]
     return out
+
+
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """Function tools, as OpenAI sends them ({"type": "function", "function": {...}})."""
+    if body.get("tools") is None:
+        return None
+    tools = _list(body, "tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type") != "function" or not isinstance(function, dict) or not function.get("name"):
+            raise RequestError(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools"
+            )
+    return tools
 
 
 def _text_part(part: Any, where: str) -> str:
@@ -256,10 +283,19 @@ def usage(prompt: int, cached: int, generated: int) -> dict[str, Any]:
     }
 
 
-def chat_response(rid: str, model: str, text: str, finish_reason: str, use: dict[str, Any]) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
+def chat_response(
+    rid: str, model: str, text: str, calls: Sequence[ToolCall], finish_reason: str, use: dict[str, Any]
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message = {"role": "assistant", "content": text or None, "tool_calls": [c.message() for c in calls]}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
     return _envelope(rid, "chat.completion", model) | {"choices": [choice], "usage": use}
+
+
+def tool_calls_delta(calls: Sequence[ToolCall]) -> dict[str, Any]:
+    """A stream chunk's delta carrying an answer's tool calls, each whole, with its index."""
+    return {"tool_calls": [{"index": i, **c.message()} for i, c in enumerate(calls)]}
 
 
 def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:

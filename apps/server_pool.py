@@ -85,34 +85,40 @@ class CachePool:
         self._new_cache = new_cache
         self.max_caches = max_caches
         self.max_bytes = max_bytes
-        self._caches: list[KVCache] = []  # least recently used first
+        # Least recently used first: each cache with the length of the last prompt run in it.
+        self._entries: list[tuple[KVCache, int]] = []
 
     @property
     def caches(self) -> int:
-        return len(self._caches)
+        return len(self._entries)
 
     def take(self, prompt_ids: list[int]) -> KVCache:
-        """The cache to run `prompt_ids` in: the one sharing the longest prefix if that is most of what
-        it holds (an earlier turn of the same conversation), else a new one while the bounds allow,
-        else the least recently used. It becomes the most recently used.
+        """The cache to run `prompt_ids` in: the one sharing the longest prefix if it continues what
+        that cache holds (it shares the cache's whole last prompt, or most of its tokens), else a new
+        one while the bounds allow, else the least recently used. It becomes the most recently used.
 
         Conversations all share the template's opening; rewinding another conversation's cache to it
         would throw that conversation away for a few tokens, so a new cache is preferred then.
         """
-        shared = [common_prefix_len(c.tokens, prompt_ids) for c in self._caches]
+        shared = [common_prefix_len(cache.tokens, prompt_ids) for cache, _ in self._entries]
         best = max(range(len(shared)), key=shared.__getitem__, default=None)
-        if best is not None and shared[best] > 0 and 2 * shared[best] >= self._caches[best].length:
-            cache = self._caches.pop(best)
+        if best is not None and self._continues(best, shared[best]):
+            cache, _ = self._entries.pop(best)
         elif self._room_for_one():
             cache = self._new_cache()
-            log.info("new KV cache (%d in the pool)", len(self._caches) + 1)
+            log.info("new KV cache (%d in the pool)", len(self._entries) + 1)
         else:
-            cache = self._caches.pop(0)  # the least recently used: its tokens are dropped
-        self._caches.append(cache)
+            cache, _ = self._entries.pop(0)  # the least recently used: its tokens are dropped
+        self._entries.append((cache, len(prompt_ids)))
         return cache
 
+    def _continues(self, i: int, shared: int) -> bool:
+        cache, last_prompt = self._entries[i]
+        return shared > 0 and (shared >= last_prompt or 2 * shared >= cache.length)
+
     def _room_for_one(self) -> bool:
-        if not self._caches:
+        if not self._entries:
             return True
-        held = sum(c.nbytes for c in self._caches)
-        return len(self._caches) < self.max_caches and held + self._caches[0].nbytes <= self.max_bytes
+        held = sum(cache.nbytes for cache, _ in self._entries)
+        one = self._entries[0][0].nbytes
+        return len(self._entries) < self.max_caches and held + one <= self.max_bytes

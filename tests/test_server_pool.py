@@ -93,3 +93,12 @@ def test_a_request_timed_out_in_line_is_skipped() -> None:
     thread.join()
     with queue.turn(time.monotonic() + 5):  # the abandoned ticket does not block the line
         assert queue.waiting == 0
+
+
+def test_a_cache_whose_whole_prompt_is_shared_is_continued(model: edge_qwen.Model) -> None:
+    pool = CachePool(lambda: model.new_cache(64), max_caches=3, max_bytes=1 << 30)
+    a = filled(
+        pool.take([1, 2, 3]), [1, 2, 3, 7, 7, 7, 7, 7, 7]
+    )  # a long answer the next prompt renders otherwise
+    assert pool.take([1, 2, 3, 8, 8]) is a
+    assert pool.take([1, 2, 9]) is not a  # shares less than a's last prompt and less than half of it
