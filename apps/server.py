@@ -9,7 +9,7 @@ within one token when the client goes away or its deadline passes.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -173,12 +173,12 @@ class OpenAIApp:
                     if request.stream:
                         ex.event(self._delta(rid, kind, last.text, None, request))
                 if last.finish_reason is not None:
-                    finish = last.finish_reason
-                    break
-                if ex.client_gone() or time.monotonic() > ex.deadline:
+                    finish = last.finish_reason  # the last piece: the generator ends after it
+                elif ex.client_gone() or time.monotonic() > ex.deadline:
                     break  # "length": cut short
         finally:
-            pieces.close()  # GeneratorExit stops the step generator and releases the model
+            if isinstance(pieces, Generator):
+                pieces.close()  # GeneratorExit stops the step generator and releases the model
         generated = last.generated_tokens if last is not None else 0
         calls = last.tool_calls if last is not None else ()
         return Outcome(rid, "".join(text), finish, generated, calls)

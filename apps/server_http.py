@@ -108,8 +108,8 @@ class Handler(BaseHTTPRequestHandler):
     server: EdgeHTTPServer
 
     def setup(self) -> None:
-        self.timeout = self.server.limits.read_timeout  # each socket read waits at most this
         super().setup()
+        self.connection.settimeout(self.server.limits.read_timeout)  # each socket read waits at most this
         # Each event is one small write: without this, Nagle's algorithm holds it back until the
         # client acknowledges the previous one.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
