@@ -42,7 +42,10 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], model_max_length: int) -> T
     merges = [_merge_pair(m) for m in metadata.get("tokenizer.ggml.merges", ())]
     vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)) if kind != TOKEN_UNUSED}
     added = _added_tokens(tokens, types)
-    tokenizer = _qwen2_tokenizer(vocab, merges, [token for _, token in added])
+    try:
+        tokenizer = _qwen2_tokenizer(vocab, merges, [token for _, token in added])
+    except Exception as e:  # tokenizers raises plain Exceptions, e.g. for a merge of unknown tokens
+        raise ValueError(f"the GGUF's tokenizer metadata is inconsistent ({e}): the file is corrupted") from e
 
     ids = _special_ids(metadata, len(tokens))
     eos, pad = ids["eos"], ids["padding"]

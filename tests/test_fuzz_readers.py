@@ -131,9 +131,11 @@ def test_fuzz_gguf_reader(files: dict[str, Any], tmp_path: Path, data: st.DataOb
     check_gguf(data.draw(mutated(files["gguf"], files["gguf_header_end"])), tmp_path / "fuzz.gguf")
 
 
-# Inputs that once escaped the GGUF reader as other errors, or had it read past the file's end:
-# (offset, bytes written there) on the tiny GGUF.
+# (offset, bytes written there) on the tiny GGUF. Counts and lengths past the end had gguf-py read
+# on until an IndexError; a key that is not UTF-8 escaped as a UnicodeDecodeError. The header walk
+# names each.
 GGUF_REGRESSIONS = {
+    "key not UTF-8": (32, b"\xff\xfe"),
     "tensor count 2^63": (8, struct.pack("<Q", 2**63)),
     "metadata count 2^64-1": (16, struct.pack("<Q", 2**64 - 1)),
     "first key length 2^63": (24, struct.pack("<Q", 2**63)),
@@ -154,6 +156,18 @@ def test_gguf_regressions(files: dict[str, Any], tmp_path: Path, case: str) -> N
 def check_gguf_strict(data: bytes, path: Path) -> None:
     path.write_bytes(data)
     read_gguf(path)
+
+
+def test_gguf_merge_of_unknown_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by fuzzing: a merge naming a token the vocabulary lacks made tokenizers raise a bare
+    Exception (a traceback in the CLI)."""
+    import tests.gguf_writer as gguf_writer
+
+    monkeypatch.setattr(gguf_writer, "MERGES", [*gguf_writer.MERGES, "zz qq"])
+    path = tmp_path / "merges.gguf"
+    gguf_writer.write_tiny_gguf(path)
+    with pytest.raises(ValueError, match="tokenizer metadata is inconsistent .*out of vocabulary"):
+        read_gguf(path)
 
 
 def test_gguf_tensor_claims_past_the_file(files: dict[str, Any], tmp_path: Path) -> None:
