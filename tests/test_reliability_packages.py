@@ -144,8 +144,9 @@ def test_what_is_not_a_package_is_one_line(tmp_path: Path, what: str) -> None:
         {"model.onnx": {"size": "big", "sha256": "0"}},
         {"model.onnx": {"size": -1, "sha256": "0"}},
         ["model.onnx"],
+        {"model.onnx": {"size": 1}},  # found by fuzzing: a KeyError under verify_hashes
     ],
-    ids=["parent", "absolute", "size-text", "size-negative", "list"],
+    ids=["parent", "absolute", "size-text", "size-negative", "list", "no-sha256"],
 )
 def test_a_manifest_file_list_that_leaves_the_folder_or_lies_is_refused(copy: Path, files: object) -> None:
     edit_manifest(copy, files=files)
