@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SERVING = re.compile(r"serving .* at (http://127\.0\.0\.1:\d+)/v1")
+SERVING = re.compile(r"serving .* at http://[^:]+:(\d+)/v1")
 START_TIMEOUT = 120.0  # seconds: loading packs the weights once per machine
 
 
@@ -31,7 +31,7 @@ class ServerProcess:
             self.lines.append(line.rstrip("\n"))
             found = SERVING.search(line)
             if found:
-                self.url = found.group(1)
+                self.url = f"http://127.0.0.1:{found.group(1)}"  # any address it binds includes loopback
                 self._started.set()
         self._started.set()  # the process ended: wait no longer
 

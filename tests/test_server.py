@@ -390,3 +390,21 @@ def test_a_streamed_tool_call_arrives_whole(server: ServerProcess) -> None:
     assert calls[0].tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
     assert json.loads(calls[0].tool_calls[0].function.arguments or "")["city"] in ("Paris", "Rome")  # type: ignore[union-attr]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_binding_beyond_loopback_without_a_key_warns(tiny_package: Path) -> None:
+    with serve(tiny_package, "--host", "0.0.0.0") as open_server:
+        assert client(open_server).models.list().data[0].id == tiny_package.name
+        assert sum("without --api-key" in line for line in open_server.lines) == 1
+    with serve(tiny_package, "--host", "0.0.0.0", "--api-key", "k") as keyed:
+        assert not any("without --api-key" in line for line in keyed.lines)
+
+
+def test_a_missing_model_is_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_qwen.apps.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "nothing-here"), "--port", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "nothing-here" in result.output and len(result.output.strip().splitlines()) == 1
