@@ -9,10 +9,10 @@ within one token when the client goes away or its deadline passes.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from edge_qwen.apps.server_openai import (
     ChatRequest,
@@ -32,11 +32,13 @@ from edge_qwen.apps.server_openai import (
 from edge_qwen.apps.server_pool import CachePool, FairQueue, QueueFull, QueueTimeout
 from edge_qwen.cache import KVCache, common_prefix_len
 from edge_qwen.chat_template import check_messages
-from edge_qwen.errors import EdgeQwenError
+from edge_qwen.errors import EdgeQwenError, InsufficientMemoryError
 from edge_qwen.generation import GenerationConfig, StreamPiece, stream_pieces
 from edge_qwen.model import Model
 from edge_qwen.session import ChatSession
 from edge_qwen.tool_calls import ToolCall, arguments_as_objects
+
+T = TypeVar("T")
 
 
 class Exchange(Protocol):
@@ -87,8 +89,8 @@ class OpenAIApp:
     def chat(self, ex: Exchange, body: Any) -> None:
         request = parse_chat(body, self.limits)
         with self._turn(ex):
-            prompt_ids = self._encode(lambda: self._chat_ids(request))
-            cache = self.pool.take(prompt_ids)
+            prompt_ids = self._checked(lambda: self._chat_ids(request), "messages")
+            cache = self._checked(lambda: self.pool.take(prompt_ids))
             config = self._fit(request, len(prompt_ids), cache)
             session = ChatSession(self.model, None, config, cache=cache)
             pieces = self._checked(
@@ -103,8 +105,8 @@ class OpenAIApp:
         request = parse_completion(body, self.limits)
         prompt = request.prompt or ""
         with self._turn(ex):
-            prompt_ids = self._encode(lambda: self.model.encode_prompt(prompt, chat=False))
-            cache = self.pool.take(prompt_ids)
+            prompt_ids = self._checked(lambda: self.model.encode_prompt(prompt, chat=False), "prompt")
+            cache = self._checked(lambda: self.pool.take(prompt_ids))
             config = self._fit(request, len(prompt_ids), cache)
             cached = min(common_prefix_len(cache.tokens, prompt_ids), len(prompt_ids) - 1)
             pieces = self.model.serialized(stream_pieces(self.model, prompt_ids, cache, config))
@@ -128,17 +130,16 @@ class OpenAIApp:
         except QueueTimeout as e:
             raise RequestError(str(e), status=503) from None
 
-    def _encode(self, encode: Any) -> list[int]:
-        ids: list[int] = self._checked(encode)
-        return ids
-
     @staticmethod
-    def _checked(call: Any) -> Any:
-        """Library errors about the request (a context overflow, a template's refusal) become 400s."""
+    def _checked(call: Callable[[], T], param: str | None = None) -> T:
+        """Library errors about the request (a template's refusal, a schema it cannot compile) become
+        400s; a KV cache the memory cannot hold now, a 503."""
         try:
             return call()
+        except InsufficientMemoryError as e:
+            raise RequestError(str(e), status=503) from None
         except (EdgeQwenError, ValueError) as e:
-            raise RequestError(str(e), "messages") from None
+            raise RequestError(str(e), param) from None
 
     def _fit(self, request: ChatRequest, prompt_tokens: int, cache: KVCache) -> GenerationConfig:
         """The request's config; an omitted max_tokens shrinks to the room the context leaves."""
