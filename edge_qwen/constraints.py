@@ -29,9 +29,10 @@ if TYPE_CHECKING:
     from edge_qwen.generation import GenerationConfig
 
 RESPONSE_TYPES = ("text", "json_object", "json_schema")
-# JSON may be laid out as the model likes (Qwen2.5 writes it indented), but each gap between tokens
-# is bounded: unbounded whitespace lets a small model pad forever instead of closing the object.
-JSON_WHITESPACE = r"[ \n]{0,20}"
+# JSON comes on one line with ", " and ": " between items (as json.dumps writes it): whitespace the
+# model may choose freely lets a small model pad forever instead of closing the object, and
+# llguidance 1.6 (its newest aarch64 wheel on the index) ignores a bounded whitespace pattern.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TOOL_CHOICES = ("auto", "none", "required")
 
 # Parsing tokenizer.json into llguidance's trie takes seconds for Qwen2.5's vocabulary: once per engine.
@@ -119,9 +120,8 @@ def _response_grammar(response_format: Mapping[str, Any] | None) -> str | None:
 def _json_grammar(schema: dict[str, Any]) -> str:
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(
-        schema, overrides={"whitespace_pattern": JSON_WHITESPACE}
-    )
+    # llguidance's stubs type the options as a TypedDict it does not export
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)  # type: ignore[arg-type]
 
 
 def _forced_tool_grammar(
@@ -146,7 +146,7 @@ def _forced_tool_grammar(
         raise ValueError("tool_choice 'required' needs tools: pass tools=[...] to the chat")
     calls = [_call_schema(f) for f in functions]
     call = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    schema = json.dumps({**call, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}, ensure_ascii=False)
+    schema = json.dumps({**call, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
     open_, close = _literal(tokenizer, "<tool_call>"), _literal(tokenizer, "</tool_call>")
     lark = f'start: {open_} "\\n" body "\\n" {close}\nbody: %json {schema}\n'
     import llguidance
@@ -247,14 +247,20 @@ def compile_constraint(engine: Engine, grammar: str) -> Constraint:
 def guidance_tokenizer(engine: Engine) -> llguidance.LLTokenizer:
     """llguidance's view of the package's tokenizer.json, made once per engine.
 
-    Its end-of-sequence tokens are the package's stop ids, so a complete output ends on one of them.
+    Its end-of-sequence token is one of the package's stop ids (the template's eos_token when it is
+    one, `<|im_end|>` for Qwen2.5 Instruct), so an output that ends early on it stops generation.
+    One token, not a list: llguidance's aarch64 wheels on the index (1.6) take a single id.
     """
     tokenizer = _TOKENIZERS.get(engine)
     if tokenizer is None:
         import llguidance
 
         text = (engine.path / "tokenizer.json").read_text(encoding="utf-8")
-        eos = sorted(engine.stop_token_ids)
+        eos_text = engine.tokenizer_config.get("eos_token")
+        eos_text = eos_text.get("content") if isinstance(eos_text, dict) else eos_text
+        eos = engine.tokenizer.token_to_id(eos_text) if isinstance(eos_text, str) else None
+        if eos not in engine.stop_token_ids:
+            eos = min(engine.stop_token_ids)
         tokenizer = llguidance.LLTokenizer(text, n_vocab=engine.config.vocab_size, eos_token=eos)
         _TOKENIZERS[engine] = tokenizer
     return tokenizer
