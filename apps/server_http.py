@@ -130,10 +130,16 @@ class Handler(BaseHTTPRequestHandler):
         start = time.monotonic()
         ex = Exchange(self, start + self.server.limits.request_timeout)
         path = self.path.split("?", 1)[0]
+        close_after = self.close_connection  # as the request's version and Connection header say
         try:
+            if method == "POST":
+                # Refused before its body is read (404, 401): the body would be taken for the next
+                # request, so this connection ends with the answer.
+                self.close_connection = True
             route = self._route(method, path)
             self._authorize()
             body = self._read_json(start) if method == "POST" else None
+            self.close_connection = close_after
             route(ex, body)
         except RequestError as e:
             ex.error(e)

@@ -408,3 +408,19 @@ def test_a_missing_model_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "nothing-here"), "--port", "0"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "nothing-here" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_keep_alive_survives_a_refused_body(tiny_package: Path) -> None:
+    with serve(tiny_package, "--api-key", "k") as keyed:
+        host, port = keyed.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        refused = connection.getresponse()
+        assert refused.status == 401 and "Authorization" in json.loads(refused.read())["error"]["message"]
+        # The unread body is not taken for a request: the next one (http.client reconnects) is answered.
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer k"}
+        connection.request("POST", "/v1/chat/completions", body, headers)
+        answered = connection.getresponse()
+        assert answered.status == 200 and json.loads(answered.read())["object"] == "chat.completion"
+        connection.close()
