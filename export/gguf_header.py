@@ -131,6 +131,8 @@ def _walk(h: _Header) -> None:
     for i in range(kv_count):
         key = h.string(f"metadata key {i}")
         value = _value(h, key, nested=False)
+        if key.startswith("qwen2.") and key in _INTEGER_KEYS and int(value) < 1:  # type: ignore[call-overload]
+            raise h.fail(f"{key} is {value}: a size or count of the model must be positive")
         if key == "general.alignment":
             alignment = int(value)
             if alignment <= 0 or alignment & (alignment - 1):

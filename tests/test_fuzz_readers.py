@@ -131,23 +131,27 @@ def test_fuzz_gguf_reader(files: dict[str, Any], tmp_path: Path, data: st.DataOb
     check_gguf(data.draw(mutated(files["gguf"], files["gguf_header_end"])), tmp_path / "fuzz.gguf")
 
 
-# (offset, bytes written there) on the tiny GGUF. Counts and lengths past the end had gguf-py read
-# on until an IndexError; a key that is not UTF-8 escaped as a UnicodeDecodeError. The header walk
-# names each.
-GGUF_REGRESSIONS = {
+# (offset or metadata key, bytes written there) on the tiny GGUF. Counts and lengths past the end
+# had gguf-py read on until an IndexError; a key that is not UTF-8 escaped as a UnicodeDecodeError.
+# The header walk names each.
+GGUF_REGRESSIONS: dict[str, tuple[int | bytes, bytes]] = {
     "key not UTF-8": (32, b"\xff\xfe"),
     "tensor count 2^63": (8, struct.pack("<Q", 2**63)),
     "metadata count 2^64-1": (16, struct.pack("<Q", 2**64 - 1)),
     "first key length 2^63": (24, struct.pack("<Q", 2**63)),
     "first key length past the end": (24, struct.pack("<Q", 10**6)),
     "version 1": (4, struct.pack("<I", 1)),
+    # Found by fuzzing: a head count of 0 was a ZeroDivisionError while the config was made.
+    "head count 0": (b"qwen2.attention.head_count", struct.pack("<I", 0)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GGUF_REGRESSIONS))
 def test_gguf_regressions(files: dict[str, Any], tmp_path: Path, case: str) -> None:
-    at, patch = GGUF_REGRESSIONS[case]
+    where, patch = GGUF_REGRESSIONS[case]
     data = bytearray(files["gguf"])
+    # An offset, or a metadata key: then its value, after the key and the value's type.
+    at = where if isinstance(where, int) else data.index(where) + len(where) + 4
     data[at : at + len(patch)] = patch
     with pytest.raises(ValueError, match="fuzz.gguf is not a valid GGUF file"):
         check_gguf_strict(bytes(data), tmp_path / "fuzz.gguf")
