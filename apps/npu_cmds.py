@@ -100,6 +100,8 @@ def _echo(
             click.echo(f"    QDQ tensors: {qdq}")
             outside = ", ".join(f"{op} x{n}" for op, n in r.outside_qdq.most_common()) or "none"
             click.echo(f"    ops outside QDQ: {outside}")
+    if npu:
+        click.echo(f"cpu         {npu['embeddings']} (the embedding lookup) and sampling, by design")
     if usability:
         click.echo(f"onnxruntime check_onnx_model_mobile_usability on {first}:")
         for line in usability:
