@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,63 +15,10 @@ import pytest
 
 import edge_qwen
 from edge_qwen.apps.server_openai import DEFAULT_SAMPLING
-from tests.conftest import export_tiny
+from tests.server_fixtures import LONG, SEEDED, SERVED, alone, client, get, model, post, server, tiny_package
 from tests.server_process import ServerProcess, serve
-from tests.tiny import make_tiny_checkpoint
 
-SEEDED = {"temperature": 1.0, "seed": 11, "max_tokens": 12}
-SERVED = {**DEFAULT_SAMPLING, **SEEDED}  # omitted fields take the server's defaults
-# Plain sampling: under top-k, top-p and the repetition penalty the tiny model pads JSON with spaces.
-PLAIN = {**SEEDED, "max_tokens": 800, "top_p": 1.0, "extra_body": {"top_k": 0, "repetition_penalty": 1.0}}
-LONG = 900  # tokens: the tiny model's greedy answers never stop early, so this keeps a request busy
-
-
-@pytest.fixture(scope="module")
-def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("served")
-    return export_tiny(make_tiny_checkpoint(out / "hf", tied=True, seed=1), out / "tiny-fp32")
-
-
-@pytest.fixture(scope="module")
-def server(tiny_package: Path) -> Iterator[ServerProcess]:
-    with serve(tiny_package, "--max-body", "4096", "--max-tokens", "1000") as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def model(tiny_package: Path) -> edge_qwen.Model:
-    return edge_qwen.load(tiny_package)
-
-
-def client(server: ServerProcess, **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=options.pop("api_key", "none"), max_retries=0)
-
-
-def alone(model: edge_qwen.Model, messages: list[dict[str, str]], **options: Any) -> str:
-    """What the in-process API answers to the same conversation."""
-    return "".join(p.text for p in model.chat().stream_messages(messages, **options))
-
-
-def post(
-    server: ServerProcess, path: str, body: bytes, headers: dict[str, str]
-) -> tuple[int, dict[str, Any]]:
-    host, port = server.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    connection.request("POST", path, body=body, headers=headers)
-    response = connection.getresponse()
-    status, data = response.status, json.loads(response.read())
-    connection.close()
-    return status, data
-
-
-def get(server: ServerProcess, path: str) -> tuple[int, dict[str, Any]]:
-    host, port = server.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    connection.request("GET", path)
-    response = connection.getresponse()
-    status, data = response.status, json.loads(response.read())
-    connection.close()
-    return status, data
+__all__ = ["model", "server", "tiny_package"]  # fixtures
 
 
 def test_chat_answers_as_the_library_does_streamed_and_not(
@@ -282,114 +228,6 @@ def test_curl_stream_parses_as_server_sent_events(server: ServerProcess, model: 
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == alone(model, body["messages"], **SERVED)  # type: ignore[arg-type]
-
-
-CITY = {
-    "type": "object",
-    "properties": {"city": {"enum": ["Paris", "Rome"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-    "required": ["city", "n"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-        },
-    },
-}
-
-
-def test_response_format_with_a_schema(server: ServerProcess, model: edge_qwen.Model) -> None:
-    messages = [{"role": "user", "content": "A city and a digit, as JSON"}]
-    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
-    options = {**SEEDED, "max_tokens": 800}  # the tiny model writes much whitespace
-    reply = client(server).chat.completions.create(
-        model="tiny",
-        messages=messages,  # type: ignore[arg-type]
-        response_format=response_format,  # type: ignore[arg-type]
-        **options,
-    )
-    content = reply.choices[0].message.content or ""
-    assert reply.choices[0].finish_reason == "stop"
-    value = json.loads(content)
-    assert set(value) == {"city", "n"} and value["city"] in ("Paris", "Rome") and 0 <= value["n"] <= 9
-    assert content == alone(
-        model, messages, **{**DEFAULT_SAMPLING, **options}, response_format=response_format
-    )
-
-
-def test_an_unsupported_schema_is_a_400_naming_it(server: ServerProcess) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"a": {"type": "string"}},
-        "if": {"required": ["a"]},
-        "then": {},
-    }
-    with pytest.raises(openai.BadRequestError) as raised:
-        client(server).chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "hi"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-        )
-    assert raised.value.status_code == 400 and "if" in raised.value.message
-
-
-def test_a_tool_call_round_trips_through_a_tool_message(server: ServerProcess) -> None:
-    api = client(server)
-    messages: list[dict[str, Any]] = [{"role": "user", "content": "The weather in Paris?"}]
-    forced = {"type": "function", "function": {"name": "get_weather"}}
-    call = api.chat.completions.create(
-        model="tiny",
-        messages=messages,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice=forced,  # type: ignore[arg-type]
-        **PLAIN,
-    )
-    choice = call.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls is not None
-    (tool_call,) = choice.message.tool_calls
-    assert tool_call.function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(tool_call.function.arguments)["city"] in ("Paris", "Rome")  # type: ignore[union-attr]
-    assert tool_call.id.startswith("call_")
-    messages += [
-        choice.message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": tool_call.id, "content": '{"celsius": 21}'},
-    ]
-    answer = api.chat.completions.create(
-        model="tiny",
-        messages=messages,  # type: ignore[arg-type]
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice="none",
-        **SEEDED,
-    )
-    assert answer.choices[0].finish_reason in ("stop", "length") and not answer.choices[0].message.tool_calls
-    assert (
-        call.usage is not None and answer.usage is not None and answer.usage.prompt_tokens_details is not None
-    )
-    assert answer.usage.prompt_tokens_details.cached_tokens >= call.usage.prompt_tokens
-
-
-def test_a_streamed_tool_call_arrives_whole(server: ServerProcess) -> None:
-    chunks = list(
-        client(server).chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "The weather in Rome?"}],
-            tools=[WEATHER],  # type: ignore[list-item]
-            tool_choice="required",
-            stream=True,
-            **PLAIN,
-        )
-    )
-    calls = [d for c in chunks if c.choices and (d := c.choices[0].delta).tool_calls]
-    assert len(calls) == 1 and calls[0].tool_calls is not None
-    assert calls[0].tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(calls[0].tool_calls[0].function.arguments or "")["city"] in ("Paris", "Rome")  # type: ignore[union-attr]
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_binding_beyond_loopback_without_a_key_warns(tiny_package: Path) -> None:
