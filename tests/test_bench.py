@@ -293,3 +293,24 @@ def test_memory_script_shows_each_stage(tiny_fp32: Path, only: str | None) -> No
     if only is None:  # the mapped prepacked weights, by kind: ONNX Runtime's packed weights are there
         packed = next(line for line in out.splitlines() if "packed weights (ONNX Runtime's)" in line)
         assert float(packed.split()[-2]) > 0
+
+
+def test_the_suite_table_counts_the_domains_at_the_bar() -> None:
+    """A domain meets the bar with KLD at most the peer's and top-1 no more than one point below."""
+    doc = bench_script("quality_doc")
+
+    def cell(kld: float, top1: float) -> dict[str, float]:
+        return {"mean_kld": kld, "top1_agreement": top1}
+
+    best = {"a": cell(0.05, 0.900), "b": cell(0.05, 0.900), "c": cell(0.05, 0.900), "d": cell(0.05, 0.900)}
+    ours = {
+        "a": cell(0.05, 0.891),  # equal KLD, 0.9 point lower top-1: meets
+        "b": cell(0.04, 0.880),  # lower KLD, 2 points lower top-1: misses
+        "c": cell(0.06, 0.950),  # higher KLD: misses
+        "d": cell(0.01, 0.990),  # meets
+    }
+    assert doc.at_the_bar(ours, best) == 2
+    rows = {"ort-genai-int4-kqmixed": {"domains": best, "macro": cell(0.05, 0.9), "size_bytes": 9e8}}
+    rows["ours"] = {"domains": ours, "macro": cell(0.04, 0.93), "size_bytes": 4e8}
+    table = doc.render_suite({"rows": rows})
+    assert "| ours | 400 |" in table and table.rstrip().endswith("| 2/4 |")
