@@ -122,6 +122,8 @@ class OpenAIApp:
     def _turn(self, ex: Exchange) -> Iterator[None]:
         try:
             with self.queue.turn(ex.deadline):
+                if ex.client_gone():  # it left while waiting: nothing to prefill for
+                    raise RequestError("the client closed the connection while waiting", status=499)
                 yield
         except QueueFull as e:
             raise RequestError(
