@@ -80,10 +80,11 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 )
 @click.option(
     "--calibration",
-    type=click.Choice(["builtin", "suite"]),
+    type=click.Choice(["auto", "builtin", "suite"]),
     default=None,
-    help="Calibration text of imatrix and gptq: builtin (Python's code and docs) or suite (code, "
-    "English, Chinese, Spanish, German and chat from Debian's documentation) [default: builtin].",
+    help="Calibration text of imatrix and gptq: suite (code, English, Chinese, Spanish, German and "
+    "chat from Debian's documentation, downloaded once), builtin (Python's code and docs), or auto "
+    "(suite, or builtin with a warning when its texts cannot be had) [default: the precision's recipe].",
 )
 @click.option(
     "--target-cpu",

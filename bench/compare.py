@@ -52,8 +52,7 @@ from edge_qwen.export.calibrate import cached_statistics
 from edge_qwen.export.checkpoint import Checkpoint, TokenizerFiles, expected_names
 from edge_qwen.export.options import ExportOptions, default_options
 from edge_qwen.export.readers import read_checkpoint
-from edge_qwen.export.writer import write_package
-from edge_qwen.quant.texts import builtin_text
+from edge_qwen.export.writer import choose_calibration_text, write_package
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_HOME = Path(os.environ.get("EDGE_QWEN_BENCH", Path.home() / ".cache" / "edge-qwen-bench"))
@@ -229,7 +228,8 @@ def ensure_package(gguf: Path, out: Path) -> Path:
         return out
     stats = None
     if opts.needs_calibration:  # kept where bench/quality.py keeps the same statistics
-        stats = cached_statistics(ckpt, builtin_text("calibration"), opts.needs_hessians, BENCH_HOME)
+        text = choose_calibration_text(ckpt, opts.calibration)
+        stats = cached_statistics(ckpt, text, opts.needs_hessians, BENCH_HOME)
     write_package(ckpt, out, opts, overwrite=True, calib_stats=stats)
     return mark_current(out)
 

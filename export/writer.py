@@ -86,7 +86,8 @@ def write_package(
 
 def choose_calibration_text(ckpt: Checkpoint, which: str, windows: int = CALIBRATION_CHUNKS) -> Text:
     """The text calibration runs on: Python's own code and docs, or the multi-domain mix, made as
-    long as `windows` calibration windows."""
+    long as `windows` calibration windows. "auto" is the mix when its texts can be had (cached, or
+    downloaded once from Debian's mirror, ~37 MB), else the built-in text, with a warning."""
     if which == "builtin":
         return builtin_text("calibration")
     from tokenizers import Tokenizer
@@ -98,7 +99,17 @@ def choose_calibration_text(ckpt: Checkpoint, which: str, windows: int = CALIBRA
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    return suite_mix(count, total_tokens=windows * CALIBRATION_CTX)
+    try:
+        return suite_mix(count, total_tokens=windows * CALIBRATION_CTX)
+    except (OSError, ValueError) as e:  # no network, or a cached text that is not the pinned one
+        if which != "auto":
+            raise
+        log.warning(
+            "calibrating on the built-in Python text instead of the multi-domain mix (%s); the mix "
+            "quantizes prose and other languages better: connect to the network and export again",
+            e,
+        )
+        return builtin_text("calibration")
 
 
 def _write_contents(

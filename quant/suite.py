@@ -20,6 +20,7 @@ Domains (each at least 16 chunks of 512 tokens, 4,080 scored tokens, with the pr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -267,8 +268,14 @@ def domain_text(name: str) -> Text:
 
 def calibration_parts() -> dict[str, list[tuple[str, str]]]:
     """The multi-domain calibration mix by domain: other packages (or other files) than the suite's."""
+    return {name: list(parts) for name, parts in _calibration_parts().items()}
+
+
+@functools.cache
+def _calibration_parts() -> dict[str, tuple[tuple[str, str], ...]]:
+    """calibration_parts, read from the packages once a process (seconds: hundreds of HTML pages)."""
     handbook = r"usr/share/doc/debian-handbook/html/{lang}/sect\.[a-z-]+\.html$"
-    return {
+    parts = {
         "code": [_stdlib_file(f) for f in CALIBRATION_CODE_FILES]
         + [part for deb in RUST_CALIBRATION for part in _plain(deb, r"/src/.*\.rs$")],
         "en-tech": _pages(HANDBOOK, handbook.format(lang="en-US")),
@@ -281,6 +288,7 @@ def calibration_parts() -> dict[str, list[tuple[str, str]]]:
         "es": _pages(HANDBOOK, handbook.format(lang="es-ES")),
         "de": _pages(HANDBOOK, handbook.format(lang="de-DE")),
     }
+    return {name: tuple(p) for name, p in parts.items()}
 
 
 # Shares of the calibration mix by domain. Code gets three: one of eight left it 32% worse than the

@@ -119,3 +119,23 @@ def test_the_calibration_mix_gives_each_domain_its_share() -> None:
     # Domains are joined by a blank line, and so are the 4 runs within each.
     assert len(mix.text) == sum(b // 4 * 4 for b in budgets) + 2 * (4 * len(budgets) - 1)
     assert [s.split(":")[0] for s in mix.sources] == list(suite.DOMAINS)
+
+
+def test_auto_calibration_falls_back_to_the_builtin_text_when_the_mix_cannot_be_had(
+    tiny: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edge_qwen.export.options import default_options
+    from edge_qwen.export.readers import read_checkpoint
+    from edge_qwen.export.writer import choose_calibration_text
+
+    assert default_options("int4").calibration == "auto"
+    ckpt = read_checkpoint(tiny.hf_dir)
+    assert choose_calibration_text(ckpt, "auto").name == "suite-calibration"  # the texts are cached
+    suite._calibration_parts.cache_clear()  # read again, from where the texts are now:
+    monkeypatch.setenv("EDGE_QWEN_TEXTS", str(tmp_path / "empty"))  # nothing cached, and no mirror:
+    monkeypatch.setattr(suite, "MIRROR", "http://127.0.0.1:9/debian")  # a closed port
+    with caplog.at_level("WARNING"):
+        assert choose_calibration_text(ckpt, "auto").name == "calibration"
+    assert "instead of the multi-domain mix" in caplog.text and "connect to the network" in caplog.text
+    with pytest.raises(OSError, match="cannot download"):
+        choose_calibration_text(ckpt, "suite")  # asked for by name: no fallback
