@@ -22,9 +22,17 @@ from edge_qwen.hub import catalog
     show_default=True,
     help="The CPU the package is for (see `edge-qwen export --help`).",
 )
-def pull(name: str, precision: str, force: bool, target_cpu: str) -> None:
-    """Fetch catalog model NAME, export it with the default recipe and cache it; prints its folder."""
-    click.echo(catalog.pull(name, precision, force=force, target_cpu=target_cpu))
+@click.option(
+    "--recipe",
+    type=click.Choice(catalog.RECIPES),
+    default="default",
+    show_default=True,
+    help="int4: quality keeps int8 qkv/down_proj in the edge layers, for less KL divergence on every "
+    "kind of text in a larger, slower package (docs/quantization.md); cached as NAME-int4-quality.",
+)
+def pull(name: str, precision: str, force: bool, target_cpu: str, recipe: str) -> None:
+    """Fetch catalog model NAME, export it with a recipe and cache it; prints its folder."""
+    click.echo(catalog.pull(name, precision, force=force, target_cpu=target_cpu, recipe=recipe))
 
 
 @click.command()

@@ -41,6 +41,15 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     "docs/quantization.md].",
 )
 @click.option(
+    "--recipe",
+    type=click.Choice(["default", "quality"]),
+    default="default",
+    show_default=True,
+    help="int4: default, or quality (int8 qkv/down_proj in the edge layers: less KL divergence on "
+    "every kind of text, for a larger package and slower decode; docs/quantization.md). The options "
+    "below override the recipe's.",
+)
+@click.option(
     "--symmetric/--asymmetric",
     default=None,
     help="Symmetric weights (no zero points): 2% smaller, 40-50% more KL divergence, and the same "
@@ -125,6 +134,7 @@ def export(
     block_size: str | None,
     block_sizes: tuple[str, ...],
     algo: str | None,
+    recipe: str,
     symmetric: bool | None,
     embeddings: str | None,
     lm_head: str | None,
@@ -149,7 +159,7 @@ def export(
             "--prefill-len and --context are for --target npu (the CPU's is --max-context)"
         )
     try:
-        from edge_qwen.export.options import default_options
+        from edge_qwen.export.options import recipe_options
         from edge_qwen.export.readers import read_checkpoint
         from edge_qwen.export.writer import write_package
     except ImportError as e:
@@ -165,7 +175,7 @@ def export(
         "calibration": calibration,
     }
     opts = replace(
-        default_options(precision),
+        recipe_options(recipe, precision),
         max_context=max_context,
         logits=logits,
         target_cpu=target_cpu,

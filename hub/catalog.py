@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+RECIPES = ("default", "quality")  # export/options.py RECIPES, without importing the exporter
 # What makes one source fail and the next one be tried: its own reasons (offline hub, checksum
 # mismatch), the file system (disk full), a checkpoint the exporter refuses.
 _SOURCE_FAILURES = (SourceError, OSError, ValueError)
@@ -115,9 +116,10 @@ def load_catalog() -> Catalog:
     return Catalog.from_dict(json.loads(text))
 
 
-def package_dir(name: str, precision: str) -> Path:
-    """Where the package of catalog model `name` at `precision` lives (whether or not it exists)."""
-    return home() / "packages" / f"{name}-{precision}"
+def package_dir(name: str, precision: str, recipe: str = "default") -> Path:
+    """Where the package of catalog model `name` at `precision` lives (whether or not it exists);
+    a recipe other than the default adds its name (`NAME-int4-quality`)."""
+    return home() / "packages" / (f"{name}-{precision}" + ("" if recipe == "default" else f"-{recipe}"))
 
 
 def default_name(catalog: Catalog | None = None) -> str:
@@ -141,6 +143,8 @@ def cached_packages() -> list[CachedPackage]:
     root = home() / "packages"
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         name, _, precision = path.name.rpartition("-")
+        if precision in RECIPES:  # NAME-int4-quality
+            name, _, precision = name.rpartition("-")
         # Hidden entries are unfinished exports (".<name>.<random>.partial") or ones being replaced.
         if path.name.startswith(".") or precision not in PRECISIONS or not _is_package(path):
             continue
@@ -178,17 +182,18 @@ def pull(
     progress: bool = True,
     catalog: Catalog | None = None,
     target_cpu: str = "auto",
+    recipe: str = "default",
 ) -> Path:
-    """Fetch catalog model `name`, export it with the default recipe for `precision` and `target_cpu`
-    (export/targets.py: "auto" is this machine's), cache it.
+    """Fetch catalog model `name`, export it with `recipe` (export/options.py RECIPES) at `precision`
+    for `target_cpu` (export/targets.py: "auto" is this machine's), cache it.
 
     Returns the cached package at once when it exists (unless `force`). Sources are tried in the
     catalog's order; each failure is logged as one line and the next source is tried. When all fail,
     CatalogError names every source's reason. Nothing half-written is left in the cache.
     """
     entry = (catalog or load_catalog()).get(name)
-    opts = _default_options(precision, target_cpu)  # bad options fail before any download
-    out = package_dir(entry.name, precision)
+    opts = _default_options(precision, target_cpu, recipe)  # bad options fail before any download
+    out = package_dir(entry.name, precision, recipe)
     if _is_package(out) and not force:
         return out
     # One pull at a time per cache (the packages folder is the lock): a second pull of the same model
@@ -214,14 +219,14 @@ def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bo
     raise CatalogError(f"could not pull {entry.name}: {'; '.join(reasons)}")
 
 
-def _default_options(precision: str, target_cpu: str) -> ExportOptions:
+def _default_options(precision: str, target_cpu: str, recipe: str = "default") -> ExportOptions:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
-        from edge_qwen.export.options import default_options
+        from edge_qwen.export.options import recipe_options
     except ImportError as e:
         raise CatalogError(f"pulling a model needs the exporter, which cannot be imported ({e})") from None
-    return replace(default_options(precision), target_cpu=target_cpu)
+    return replace(recipe_options(recipe, precision), target_cpu=target_cpu)
 
 
 def _export(checkpoint: Path, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:
