@@ -4,11 +4,11 @@
        llama_greedy MODEL.gguf N_PREDICT ID,ID,...
    prints one line per generated token: "id top1_logit top2_id top2_logit". Token ids come from the
    caller's tokenizer, so that both runtimes see the same prompt; the output stops at an end-of-generation
-   token. Threads: all cores, as llama-bench's default. */
+   token. One thread: the numbers do not depend on it, and llama.cpp's spinning threads crawl on a
+   loaded machine. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "llama.h"
 
@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t)(n_prompt + n_predict + 8);
     cp.n_batch = cp.n_ctx;
-    cp.n_threads = cp.n_threads_batch = (int32_t)sysconf(_SC_NPROCESSORS_ONLN);
+    cp.n_threads = cp.n_threads_batch = 1;
     cp.no_perf = true;
     struct llama_context *ctx = llama_init_from_model(model, cp);
 
