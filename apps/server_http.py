@@ -131,23 +131,35 @@ class Handler(BaseHTTPRequestHandler):
         ex = Exchange(self, start + self.server.limits.request_timeout)
         path = self.path.split("?", 1)[0]
         close_after = self.close_connection  # as the request's version and Connection header say
+        self._body_done = method != "POST"  # set by _read_body
         try:
-            if method == "POST":
-                # Refused before its body is read (404, 401): the body would be taken for the next
-                # request, so this connection ends with the answer.
-                self.close_connection = True
             route = self._route(method, path)
             self._authorize()
-            body = self._read_json(start) if method == "POST" else None
-            self.close_connection = close_after
+            body = None if method != "POST" else self._read_json(start)
             route(ex, body)
         except RequestError as e:
+            if not self._body_done:
+                self._skip_body(start, close_after)
             ex.error(e)
         except Exception:
             log.exception("%s %s failed", method, path)
             ex.error(RequestError("internal error: see the server's log", status=500))
         finally:
             self._log(method, path, ex, time.monotonic() - start)
+
+    def _skip_body(self, start: float, close_after: bool) -> None:
+        """Read and drop the body of a request refused before it was read (404, 401), so that it is
+        neither taken for the next request nor left unread at close, which makes the kernel reset
+        the connection and can lose the answer. A body too large or too slow ends the connection."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > self.server.limits.max_body:
+            self.close_connection = True
+            return
+        try:
+            self._read_body(int(length), start + self.server.limits.read_timeout)
+            self.close_connection = close_after
+        except (RequestError, OSError):
+            self.close_connection = True
 
     def _route(self, method: str, path: str) -> Route:
         route = self.server.routes.get((method, path))
@@ -173,16 +185,13 @@ class Handler(BaseHTTPRequestHandler):
         limits = self.server.limits
         kind = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if kind != "application/json":
-            self.close_connection = True  # the body is left unread
             raise RequestError(f"Content-Type must be application/json, got {kind or 'none'!r}", status=415)
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            self.close_connection = True
             raise RequestError(
                 "a Content-Length header is required (chunked bodies are not read)", status=411
             )
         if int(length) > limits.max_body:
-            self.close_connection = True
             raise RequestError(f"the body is {length} bytes, over the limit of {limits.max_body}", status=413)
         data = self._read_body(int(length), start + limits.read_timeout)
         try:
@@ -196,17 +205,18 @@ class Handler(BaseHTTPRequestHandler):
         left = length
         while left > 0:
             if time.monotonic() > deadline:
-                self.close_connection = True
+                self.close_connection = self._body_done = True  # the connection ends: no more reading
                 raise RequestError("the body took too long to arrive", status=408)
             try:
                 part = self.rfile.read1(min(left, 1 << 16))
             except TimeoutError:
                 part = b""
             if not part:
-                self.close_connection = True
+                self.close_connection = self._body_done = True
                 raise RequestError(f"the body ended after {length - left} of {length} bytes", status=400)
             parts.append(part)
             left -= len(part)
+        self._body_done = True
         return b"".join(parts)
 
     def _log(self, method: str, path: str, ex: Exchange, seconds: float) -> None:
