@@ -58,6 +58,7 @@ def test_w8a16_kld_against_fp32(w8a16: Path, fp32_package: Path) -> None:
     assert report["mean_kld"] <= W8A16_MAX_KLD
 
 
+@pytest.mark.xfail(strict=True, reason="W4A16 measured 0.1075 against the default's 0.0325 (docs/npu.md)")
 def test_w4a16_kld_within_the_margin_of_the_int4_default(fp32_package: Path) -> None:
     if not (DEFAULT_INT4 / "edge_qwen.json").is_file():
         pytest.skip(f"the default INT4 package is absent: {DEFAULT_INT4}")
