@@ -42,11 +42,11 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 )
 @click.option(
     "--recipe",
-    type=click.Choice(["default", "quality"]),
+    type=click.Choice(["default", "small"]),
     default="default",
     show_default=True,
-    help="int4: default, or quality (int8 qkv/down_proj in the edge layers: less KL divergence on "
-    "every kind of text, for a larger package and slower decode; docs/quantization.md). The options "
+    help="int4: small has no int8 matrix and gate_up_proj at block 64, for a 9%% smaller package with "
+    "more KL divergence; it is the default for --target-cpu a72 (docs/quantization.md). The options "
     "below override the recipe's.",
 )
 @click.option(
@@ -175,7 +175,7 @@ def export(
         "calibration": calibration,
     }
     opts = replace(
-        recipe_options(recipe, precision),
+        recipe_options(recipe, precision, target_cpu),
         max_context=max_context,
         logits=logits,
         target_cpu=target_cpu,

@@ -97,46 +97,56 @@ class ExportOptions:
         return self
 
 
-def default_options(precision: str = "int4") -> ExportOptions:
-    """What `edge-qwen pull` and a bare `edge-qwen export` produce for each precision.
+def default_options(precision: str = "int4", target_cpu: str = targets.ANY) -> ExportOptions:
+    """What `edge-qwen pull` and a bare `edge-qwen export` produce for each precision and target CPU.
 
-    The INT4 default is chosen by measurement: see docs/quantization.md and docs/quality.md.
+    The INT4 default is chosen by measurement on the held-out suite: see docs/quantization.md.
     """
     if precision == "int4":
-        # GPTQ, asymmetric, block 32 but gate_up_proj and lm_head at 64, int4 lm_head, no int8
-        # tensors: KLD below onnxruntime-genai's best INT4 recipe and top-1 >= 90% on code and prose,
-        # under half the size of its INT4 default (docs/quality.md), and the smallest in memory of
-        # those: lm_head at 64 packs 17 MB smaller in ONNX Runtime (docs/quantization.md).
-        # Calibrated on the multi-domain mix: on the held-out suite, 42% less KLD over eight domains
-        # than on Python's own text, every domain better but code (+6%) (docs/quantization.md).
+        if targets.resolve(target_cpu) == "a72":  # no int8 dot products: no int8 matrices
+            return replace(recipe_options("small"), target_cpu=target_cpu)
+        # GPTQ calibrated on the multi-domain mix, asymmetric, block 32 with lm_head (and the tied
+        # embedding) at 64, int4 lm_head, qkv_proj and down_proj at int8 in the first and last sixth
+        # of the layers. On the held-out suite's eight domains: KLD below onnxruntime-genai's best
+        # INT4 recipe (k_quant_mixed) on every one, top-1 within a point of it, at 0.48x the size of
+        # its INT4 default, decoding as fast as the layout without int8 (docs/quantization.md).
         return ExportOptions(
             precision="int4",
             algo="gptq",
             block_size=32,
             lm_head="int4",
-            mixed=False,
-            block_sizes=(("gate_up_proj", 64), ("lm_head", 64)),
+            mixed=True,
+            block_sizes=(("lm_head", 64),),
             calibration="auto",
+            target_cpu=target_cpu,
         )
     if precision == "int8":
-        return ExportOptions(precision="int8", algo="kquant", block_size=32)
-    return ExportOptions(precision=precision)
+        return ExportOptions(precision="int8", algo="kquant", block_size=32, target_cpu=target_cpu)
+    return ExportOptions(precision=precision, target_cpu=target_cpu)
 
 
-RECIPES = ("default", "quality")
+RECIPES = ("default", "small")
 
 
-def recipe_options(recipe: str, precision: str = "int4") -> ExportOptions:
-    """A named recipe: `default` is default_options(precision); `quality` (INT4 only) adds int8 qkv and
-    down_proj in the first and last sixth of the layers and keeps gate_up_proj at block 32: on the
-    held-out suite, less KLD on every domain for a larger package and slower decode (docs/quantization.md).
-    """
+def recipe_options(recipe: str, precision: str = "int4", target_cpu: str = targets.ANY) -> ExportOptions:
+    """A named recipe: `default` is default_options(precision, target_cpu); `small` (INT4 only) has no
+    int8 matrix and gate_up_proj at block 64: 9% smaller and the default on a Raspberry Pi 4 (a72),
+    with more KLD on every domain of the held-out suite (docs/quantization.md)."""
     if recipe == "default":
-        return default_options(precision)
+        return default_options(precision, target_cpu)
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if precision != "int4":
         raise ValueError(
             f"the {recipe} recipe is an INT4 recipe: use it with precision int4, not {precision}"
         )
-    return replace(default_options("int4"), mixed=True, block_sizes=(("lm_head", 64),))
+    return ExportOptions(
+        precision="int4",
+        algo="gptq",
+        block_size=32,
+        lm_head="int4",
+        mixed=False,
+        block_sizes=(("gate_up_proj", 64), ("lm_head", 64)),
+        calibration="auto",
+        target_cpu=target_cpu,
+    )

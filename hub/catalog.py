@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
-RECIPES = ("default", "quality")  # export/options.py RECIPES, without importing the exporter
+RECIPES = ("default", "small")  # export/options.py RECIPES, without importing the exporter
 # What makes one source fail and the next one be tried: its own reasons (offline hub, checksum
 # mismatch), the file system (disk full), a checkpoint the exporter refuses.
 _SOURCE_FAILURES = (SourceError, OSError, ValueError)
@@ -118,7 +118,7 @@ def load_catalog() -> Catalog:
 
 def package_dir(name: str, precision: str, recipe: str = "default") -> Path:
     """Where the package of catalog model `name` at `precision` lives (whether or not it exists);
-    a recipe other than the default adds its name (`NAME-int4-quality`)."""
+    a recipe other than the default adds its name (`NAME-int4-small`)."""
     return home() / "packages" / (f"{name}-{precision}" + ("" if recipe == "default" else f"-{recipe}"))
 
 
@@ -143,7 +143,7 @@ def cached_packages() -> list[CachedPackage]:
     root = home() / "packages"
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         name, _, precision = path.name.rpartition("-")
-        if precision in RECIPES:  # NAME-int4-quality
+        if precision in RECIPES:  # NAME-int4-small
             name, _, precision = name.rpartition("-")
         # Hidden entries are unfinished exports (".<name>.<random>.partial") or ones being replaced.
         if path.name.startswith(".") or precision not in PRECISIONS or not _is_package(path):
@@ -226,7 +226,7 @@ def _default_options(precision: str, target_cpu: str, recipe: str = "default") -
         from edge_qwen.export.options import recipe_options
     except ImportError as e:
         raise CatalogError(f"pulling a model needs the exporter, which cannot be imported ({e})") from None
-    return replace(recipe_options(recipe, precision), target_cpu=target_cpu)
+    return recipe_options(recipe, precision, target_cpu)
 
 
 def _export(checkpoint: Path, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:
