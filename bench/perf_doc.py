@@ -147,7 +147,8 @@ def render_paper(paper: dict[str, Any], measured_fraction: float | None) -> list
         PI4_TEXT.format(
             extra=extra or "none (the default recipe has no 8-bit matrices)",
             pull=(
-                "Not done: `pull` picking an all-int4 recipe by itself on such a CPU."
+                "On such a CPU (or with `--target-cpu a72`), `pull` and `export` take the small recipe "
+                "instead, which has no 8-bit matrix (docs/quantization.md)."
                 if extra
                 else "The default INT4 recipe holds no 8-bit matrix, so what `pull` exports runs on a "
                 "Pi 4 without this detour."
