@@ -36,9 +36,11 @@ Row names: `int4-ALGO-bBLOCK[-sym][-head4][-nomix]` is an INT4 body quantized wi
 BLOCK, asymmetric unless `-sym`, with an int8 lm_head unless `-head4` (int4), embeddings as the body,
 and qkv/down_proj at int8 in the first and last layers (the count is in the name column, e.g. 4+4)
 unless `-nomix`; `-gu64`: gate_up_proj at block 64; `-dn64`: down_proj at 64; `-hd64`, `-hd128`:
-lm_head (and a tied embedding) at 64 or 128. `int8-kquant-b32` is INT8 throughout. The default INT4
-recipe is `int4-gptq-b32-head4-nomix-gu64-hd64`; docs/quantization.md explains the choice and
-docs/design.md the alternatives measured.
+lm_head (and a tied embedding) at 64 or 128; `-suite`: calibrated on the multi-domain mix
+(`--calibration suite`), the others on the built-in Python text, which is of the same kind as these
+two texts. `int8-kquant-b32` is INT8 throughout. The default INT4 recipe is
+`int4-gptq-b32-head4-nomix-gu64-hd64-suite`, and `--recipe quality` is `int4-gptq-b32-head4-hd64-suite`;
+they were chosen on the held-out suite below, not on these two texts (docs/quantization.md).
 
 Peers: `ort-genai-int4` is onnxruntime-genai's INT4 CPU default (`-p int4 -e cpu`), and
 `ort-genai-int4-kqmixed` its best recipe (`--extra_options algo_config=k_quant_mixed`: k-quant with
@@ -110,8 +112,10 @@ Domains: `code` Python's standard library and a Rust crate; `en-tech` the Debian
 `en-legal` GPL-2, GPL-3, MPL-1.1; `en-fiction` fortune-mod's quotations; `chat` the Debian FAQ as
 Qwen2.5 chat turns; `zh`, `es`, `de` the Debian Reference's translations. No calibration text shares
 a 64-token window with them (tests/test_suite.py). Each cell: mean KLD / top-1 agreement. Rows:
-`default` is the default INT4 package; `default-suite-calibration` the same recipe calibrated with
-`--calibration suite` (docs/quantization.md); `-emb8` adds an int8 embedding table; the peers as above.
+`default` is the default INT4 recipe (int8 qkv/down_proj in the edge layers, calibrated on the
+multi-domain mix); `small` the layout without int8 matrices (`--recipe small`), calibrated on the mix
+as used, on an earlier mix of equal shares, or on the built-in Python text (the previous default);
+`int8 embedding` adds an int8 embedding table; `int8` is the INT8 default; the peers as above.
 The last column counts the domains where a package meets the bar set for the default: KLD at most
 `ort-genai-int4-kqmixed`'s and top-1 at least its minus one point.
 
