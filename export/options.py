@@ -109,7 +109,7 @@ def default_options(precision: str = "int4", target_cpu: str = targets.ANY) -> E
         # embedding) at 64, int4 lm_head, qkv_proj and down_proj at int8 in the first and last sixth
         # of the layers. On the held-out suite's eight domains: KLD below onnxruntime-genai's best
         # INT4 recipe (k_quant_mixed) on every one, top-1 within a point of it, at 0.48x the size of
-        # its INT4 default, decoding as fast as the layout without int8 (docs/quantization.md).
+        # its INT4 default, decoding at 0.94x the layout without int8 (docs/quantization.md).
         return ExportOptions(
             precision="int4",
             algo="gptq",
