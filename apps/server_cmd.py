@@ -9,8 +9,6 @@ from pathlib import Path
 
 import click
 
-from edge_qwen.apps.server_openai import Limits
-
 log = logging.getLogger("edge_qwen.server")
 
 DEFAULT_CONTEXT = 4096  # tokens per conversation: 100 MB of KV cache on the 0.5B (fp32), at most
@@ -99,6 +97,7 @@ def serve(
     import edge_qwen
     from edge_qwen.apps.server import OpenAIApp
     from edge_qwen.apps.server_http import EdgeHTTPServer, HttpLimits
+    from edge_qwen.apps.server_openai import Limits  # numpy and the runtime: not at `--help`
     from edge_qwen.apps.server_pool import CachePool, FairQueue
     from edge_qwen.cache import available_memory, kv_bytes_per_token
     from edge_qwen.hub import catalog
