@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from edge_qwen.engine import Engine
-    from edge_qwen.generation import GenerationConfig
 
 RESPONSE_TYPES = ("text", "json_object", "json_schema")
 # JSON comes on one line with ", " and ": " between items (as json.dumps writes it): whitespace the
@@ -78,8 +77,25 @@ def forced_tool_name(tool_choice: object) -> str | None:
     return name if tool_choice.get("type") == "function" and isinstance(name, str) else None
 
 
+class ConstraintOptions(Protocol):
+    """The constraint fields of a generation's options (GenerationConfig), named here so that this
+    module, below generation.py, does not import it."""
+
+    @property
+    def response_format(self) -> Mapping[str, Any] | None: ...
+
+    @property
+    def regex(self) -> str | None: ...
+
+    @property
+    def grammar(self) -> str | None: ...
+
+    @property
+    def tool_choice(self) -> str | Mapping[str, Any]: ...
+
+
 def grammar_for(
-    config: GenerationConfig,
+    config: ConstraintOptions,
     tools: Sequence[Mapping[str, Any]] | None = None,
     tokenizer: Tokenizer | None = None,
 ) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_qwen.config import QwenConfig
 from edge_qwen.errors import PackageError
-from edge_qwen.package import Manifest
+from edge_qwen.manifest import Manifest
 
 GENAI_CONFIG = "genai_config.json"
 FORMAT = "onnxruntime-genai"
