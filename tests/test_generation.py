@@ -90,7 +90,9 @@ def test_default_cache_is_capped_by_available_memory(
     assert cache.max_len == 100
     assert "capping the context at 100 tokens" in caplog.text and "1024 tokens" in caplog.text
     assert model.new_cache(150).max_len == 150  # an explicit size that fits is what the caller asked for
-    with pytest.raises(InsufficientMemoryError, match=r"KV cache of 512 tokens needs 0\.3 MB, but only 0\.1 MB"):
+    with pytest.raises(
+        InsufficientMemoryError, match=r"KV cache of 512 tokens needs 0\.3 MB, but only 0\.1 MB"
+    ):
         model.new_cache(512)  # one that does not fit is refused before it is allocated
     monkeypatch.setattr(cache_module, "available_memory", lambda: None)  # the system does not say
     assert model.new_cache().max_len == model.manifest.max_context
