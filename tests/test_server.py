@@ -54,6 +54,7 @@ def test_chat_answers_as_the_library_does_streamed_and_not(
 
 def test_resent_conversation_reuses_the_cache(server: ServerProcess, model: edge_qwen.Model) -> None:
     api = client(server)
+    before = len(server.request_lines("/v1/chat/completions"))
     first = [{"role": "user", "content": "def f(x):"}]
     one = api.chat.completions.create(model="tiny", messages=first, **SEEDED)  # type: ignore[arg-type]
     answer = one.choices[0].message.content or ""
@@ -62,8 +63,9 @@ def test_resent_conversation_reuses_the_cache(server: ServerProcess, model: edge
     assert two.choices[0].message.content == alone(model, second, **SERVED)
     assert one.usage is not None and two.usage is not None and two.usage.prompt_tokens_details is not None
     assert one.usage.prompt_tokens <= two.usage.prompt_tokens_details.cached_tokens < two.usage.prompt_tokens
-    line = server.wait_for_log("/v1/chat/completions", 1)[-1]
-    assert f"cached={two.usage.prompt_tokens_details.cached_tokens}" in line
+    lines = server.wait_for_log("/v1/chat/completions", before + 2)[before:]
+    (line,) = [line for line in lines if f" prompt={two.usage.prompt_tokens} " in line]
+    assert f"cached={two.usage.prompt_tokens_details.cached_tokens} " in line
 
 
 def test_completions_continue_a_raw_prompt(server: ServerProcess, model: edge_qwen.Model) -> None:
