@@ -42,12 +42,12 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 )
 @click.option(
     "--recipe",
-    type=click.Choice(["default", "small"]),
+    type=click.Choice(["default", "small", "exact"]),
     default="default",
     show_default=True,
     help="int4: small has no int8 matrix and gate_up_proj at block 64, for a 9%% smaller package with "
-    "more KL divergence; it is the default for --target-cpu a72 (docs/quantization.md). The options "
-    "below override the recipe's.",
+    "more KL divergence; it is the default for --target-cpu a72. exact (a .gguf source): the GGUF's own "
+    "blocks, as --algo gguf (docs/quantization.md). The options below override the recipe's.",
 )
 @click.option(
     "--symmetric/--asymmetric",

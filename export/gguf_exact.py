@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from gguf import ReaderTensor
 
 from edge_qwen.export.graph import MS_DOMAIN, Graph
 from edge_qwen.export.linear import LM_HEAD_ROWS, row_ranges
+from edge_qwen.export.options import ExportOptions, default_options
 from edge_qwen.quant.ggml import BLOCK_TYPES, GgmlMatrix, from_blocks, stack_rows
 
 from .checkpoint import Checkpoint
@@ -85,6 +86,35 @@ class ExactTensors:
             if len(t.shape) == 2:
                 counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         return dict(sorted(counts.items()))
+
+    def record(self, fallback: str) -> dict[str, str | None]:
+        """The manifest's recipe of an exact package: which GGUF types went in as they are, and the
+        recipe of the matrices of a type without a map (None when there are none)."""
+        counts = self.summary()
+        exact = [f"{t} x{n}" for t, n in counts.items() if t in BLOCK_TYPES]
+        other = [f"{t} x{n}" for t, n in counts.items() if t not in BLOCK_TYPES]
+        return {
+            "gguf blocks, exactly": ", ".join(exact) or None,
+            "other types (requantized)": f"{', '.join(other)}: {fallback}" if other else None,
+        }
+
+
+def options_for(ckpt: Checkpoint, opts: ExportOptions) -> ExportOptions:
+    """`--algo gguf` on a GGUF with no quantized matrix (F16, BF16, F32) quantizes as a float checkpoint
+    is: with the default recipe of the precision asked for, and a line saying so."""
+    exact = ExactTensors.of(ckpt)
+    if exact.any_exact():
+        return opts
+    types = ", ".join(exact.summary())
+    logger.warning(
+        "%s holds no quantized matrix (%s): quantizing it with the default %s recipe",
+        Path(ckpt.source).name,
+        types,
+        opts.precision,
+    )
+    chosen = default_options(opts.precision, opts.target_cpu)
+    kept = {"max_context": opts.max_context, "logits": opts.logits, "accuracy_level": opts.accuracy_level}
+    return replace(chosen, **kept)
 
 
 def linear(

@@ -50,6 +50,12 @@ class ExportOptions:
             raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {self.accuracy_level}")
         recipe = self.recipe  # validates block size, algo and per-tensor precisions before any work starts
         object.__setattr__(self, "target_cpu", targets.resolve(self.target_cpu))
+        if self.algo == GGUF_EXACT and self.target_cpu == "a72":
+            raise ValueError(
+                "a GGUF's 5-, 6- and 8-bit blocks (Q5_0, Q6_K, Q8_0, ...) stay 8-bit in an exact package, "
+                "which runs a float32 fallback on the a72 target (no dot products): use the small recipe "
+                "(--recipe small) there"
+            )
         targets.check(self.target_cpu, recipe.int8_matrices())
 
     @property
@@ -125,13 +131,14 @@ def default_options(precision: str = "int4", target_cpu: str = targets.ANY) -> E
     return ExportOptions(precision=precision, target_cpu=target_cpu)
 
 
-RECIPES = ("default", "small")
+RECIPES = ("default", "small", "exact")
 
 
 def recipe_options(recipe: str, precision: str = "int4", target_cpu: str = targets.ANY) -> ExportOptions:
     """A named recipe: `default` is default_options(precision, target_cpu); `small` (INT4 only) has no
     int8 matrix and gate_up_proj at block 64: 9% smaller and the default on a Raspberry Pi 4 (a72),
-    with more KLD on every domain of the held-out suite (docs/quantization.md)."""
+    with more KLD on every domain of the held-out suite (docs/quantization.md); `exact` (a GGUF source
+    only) carries the GGUF's own quantized blocks over unchanged (export/gguf_exact.py)."""
     if recipe == "default":
         return default_options(precision, target_cpu)
     if recipe not in RECIPES:
@@ -140,6 +147,8 @@ def recipe_options(recipe: str, precision: str = "int4", target_cpu: str = targe
         raise ValueError(
             f"the {recipe} recipe is an INT4 recipe: use it with precision int4, not {precision}"
         )
+    if recipe == "exact":
+        return ExportOptions(precision="int4", algo=GGUF_EXACT, target_cpu=target_cpu)
     return ExportOptions(
         precision="int4",
         algo="gptq",

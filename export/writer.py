@@ -19,6 +19,7 @@ from edge_qwen import __version__
 from edge_qwen.cache import available_memory
 from edge_qwen.config import QwenConfig
 from edge_qwen.errors import PackageError
+from edge_qwen.export import gguf_exact
 from edge_qwen.export.builder import build_graph, io_names
 from edge_qwen.export.calibrate import (
     CALIBRATION_CHUNKS,
@@ -29,7 +30,7 @@ from edge_qwen.export.calibrate import (
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.genai_config import genai_config, hf_generation_config, runs_in
 from edge_qwen.export.graph import Graph, op_counts, save_model
-from edge_qwen.export.options import ExportOptions
+from edge_qwen.export.options import GGUF_EXACT, ExportOptions
 from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file, work_dir
 from edge_qwen.quant.texts import Text, builtin_text
 
@@ -62,6 +63,8 @@ def write_package(
         raise FileExistsError(
             f"{out} already exists: choose another folder, or pass --force (--overwrite) to replace it"
         )
+    if opts.algo == GGUF_EXACT:
+        opts = gguf_exact.options_for(ckpt, opts)
     opts = opts.for_model(ckpt.config)
     if opts.needs_hessians and calib_stats is None:
         opts = _gptq_or_imatrix(ckpt, opts)
@@ -157,7 +160,7 @@ def _write_contents(
             "config": ckpt.config.to_dict(),
             "precision": opts.precision,
             "quantization": {
-                "recipe": opts.recipe_for(ckpt.config).to_dict(),
+                "recipe": _recipe_record(ckpt, opts),
                 "accuracy_level": opts.accuracy_level,
                 "target_cpu": opts.target_cpu,
                 "calibration": calibration_record(calibration_text) if calibration_text else None,
@@ -172,6 +175,13 @@ def _write_contents(
             "files": files,
         },
     )
+
+
+def _recipe_record(ckpt: Checkpoint, opts: ExportOptions) -> dict[str, str | None]:
+    recipe = opts.recipe_for(ckpt.config)
+    if opts.algo == GGUF_EXACT:
+        return gguf_exact.ExactTensors.of(ckpt).record(recipe.body.describe())
+    return recipe.to_dict()
 
 
 # Peak memory of a GPTQ export as a multiple of its X^T X statistics: the statistics, the fp32

@@ -71,9 +71,11 @@ def stored_type(name: str) -> gguf.GGMLQuantizationType:
 
 
 def write_tiny_gguf(
-    path: Path, arch: str = "qwen2", tied: bool = False, drop: str = ""
+    path: Path, arch: str = "qwen2", tied: bool = False, drop: str = "", float_only: bool = False
 ) -> dict[str, np.ndarray]:
-    """Write a 2-layer qwen2 GGUF; returns GGUF name -> the float32 values a reader must give back."""
+    """Write a 2-layer qwen2 GGUF; returns GGUF name -> the float32 values a reader must give back.
+
+    `float_only`: F16 where a Q8_0 tensor would be, so that no tensor is quantized."""
     tokens, types = tiny_vocab()
     writer = gguf.GGUFWriter(path, arch)
     writer.add_context_length(128)
@@ -99,6 +101,8 @@ def write_tiny_gguf(
         if name == drop:
             continue
         qtype = stored_type(name)
+        if float_only and qtype == gguf.GGMLQuantizationType.Q8_0:
+            qtype = gguf.GGMLQuantizationType.F16
         stored = gguf.quants.quantize(values, qtype)
         writer.add_tensor(name, stored, raw_dtype=qtype)
         expected[name] = gguf.quants.dequantize(stored, qtype).astype(np.float32)

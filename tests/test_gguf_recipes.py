@@ -1,0 +1,64 @@
+"""The exact recipe (a GGUF's own blocks) beside the others: what it applies to, and what it records."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edge_qwen.apps.cli import cli
+from edge_qwen.export import gguf_exact
+from edge_qwen.export.options import GGUF_EXACT, ExportOptions, default_options, recipe_options
+from edge_qwen.export.readers import read_checkpoint
+from tests.gguf_writer import LAYERS, write_tiny_gguf
+
+
+def test_the_exact_recipe_carries_the_gguf_blocks_for_int4_only() -> None:
+    assert recipe_options("exact").algo == GGUF_EXACT
+    assert not recipe_options("exact").needs_calibration
+    with pytest.raises(ValueError, match="an INT4 recipe"):
+        recipe_options("exact", "int8")
+
+
+def test_the_exact_recipe_is_refused_on_the_a72_naming_the_small_one() -> None:
+    with pytest.raises(ValueError, match=r"float32 fallback on the a72 .*--recipe small"):
+        recipe_options("exact", "int4", "a72")
+
+
+def test_a_float_gguf_takes_the_default_recipe_with_a_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "f16.gguf"
+    write_tiny_gguf(path, float_only=True)
+    asked = ExportOptions(precision="int4", algo=GGUF_EXACT, max_context=64, logits="last")
+    with caplog.at_level(logging.WARNING, logger="edge_qwen.export.gguf_exact"):
+        chosen = gguf_exact.options_for(read_checkpoint(path), asked)
+    assert chosen.algo == default_options("int4").algo != GGUF_EXACT
+    assert chosen.recipe == default_options("int4").recipe
+    assert (chosen.max_context, chosen.logits) == (64, "last")  # what was asked besides the recipe stays
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "f16.gguf holds no quantized matrix (F16, F32)" in line
+
+
+def test_a_quantized_gguf_keeps_the_exact_options(tmp_path: Path) -> None:
+    path = tmp_path / "q.gguf"
+    write_tiny_gguf(path)
+    asked = ExportOptions(precision="int4", algo=GGUF_EXACT)
+    assert gguf_exact.options_for(read_checkpoint(path), asked) is asked
+
+
+def test_the_manifest_and_info_name_the_gguf_types_carried_over(tmp_path: Path) -> None:
+    path, out = tmp_path / "q.gguf", tmp_path / "pkg"
+    write_tiny_gguf(path)  # Q8_0 embedding and ffn_down, F16 and F32 elsewhere (tests/gguf_writer.py)
+    runner = CliRunner()
+    done = runner.invoke(cli, ["export", str(path), str(out), "--recipe", "exact", "--max-context", "64"])
+    assert done.exit_code == 0, done.output
+    recipe = json.loads((out / "edge_qwen.json").read_text())["quantization"]["recipe"]
+    assert recipe["gguf blocks, exactly"] == f"Q8_0 x{1 + LAYERS}"
+    assert recipe["other types (requantized)"].startswith(f"F16 x{2 * LAYERS}, F32 x")
+    assert recipe["other types (requantized)"].endswith("int8 b32 asym kquant")
+    info = runner.invoke(cli, ["info", str(out)])
+    assert f"gguf blocks, exactly: Q8_0 x{1 + LAYERS}" in info.output
