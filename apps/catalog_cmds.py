@@ -27,8 +27,9 @@ from edge_qwen.hub import catalog
     type=click.Choice(catalog.RECIPES),
     default="default",
     show_default=True,
-    help="int4: small has no int8 matrix, for a 9% smaller package with more KL divergence "
-    "(docs/quantization.md); cached as NAME-int4-small. On a Raspberry Pi 4 (a72) it is the default.",
+    help="int4: small has no int8 matrix, for a 9% smaller package with more KL divergence; on a "
+    "Raspberry Pi 4 (a72) it is the default. exact: the model's GGUF with its own blocks carried over "
+    "unchanged, converted in seconds (docs/quantization.md). Cached as NAME-int4-RECIPE.",
 )
 def pull(name: str, precision: str, force: bool, target_cpu: str, recipe: str) -> None:
     """Fetch catalog model NAME, export it with a recipe and cache it; prints its folder."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
-RECIPES = ("default", "small")  # export/options.py RECIPES, without importing the exporter
+RECIPES = ("default", "small", "exact")  # export/options.py RECIPES, without importing the exporter
 # What makes one source fail and the next one be tried: its own reasons (offline hub, checksum
 # mismatch), the file system (disk full), a checkpoint the exporter refuses.
 _SOURCE_FAILURES = (SourceError, OSError, ValueError)
@@ -206,15 +206,22 @@ def pull(
 
 
 def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:
-    reasons = []
-    for i, source in enumerate(entry.sources):
+    reasons, sources = [], entry.sources
+    if opts.algo == "gguf":  # the exact recipe (export/options.py GGUF_EXACT) needs a GGUF to carry over
+        sources = tuple(s for s in sources if s.delivers_gguf)
+        if not sources:
+            raise CatalogError(
+                f"{entry.name} has no GGUF source, and the exact recipe carries a GGUF's own blocks: "
+                "pull it with --recipe default or small"
+            )
+    for i, source in enumerate(sources):
         try:
             log.info("pulling %s from %s", entry.name, source.label)
             checkpoint = source.fetch(entry.name, home() / "downloads", progress)
             return _export(checkpoint, out, opts, force, progress)
         except _SOURCE_FAILURES as e:
             reasons.append(f"{source.label}: {_reason(e)}")
-            if i + 1 < len(entry.sources):
+            if i + 1 < len(sources):
                 log.warning("%s: %s failed: %s; trying the next source", entry.name, source.label, _reason(e))
     raise CatalogError(f"could not pull {entry.name}: {'; '.join(reasons)}")
 

