@@ -27,9 +27,10 @@ from edge_qwen.hub import catalog
     type=click.Choice(catalog.RECIPES),
     default="default",
     show_default=True,
-    help="int4: small has no int8 matrix, for a 9% smaller package with more KL divergence; on a "
-    "Raspberry Pi 4 (a72) it is the default. exact: the model's GGUF with its own blocks carried over "
-    "unchanged, converted in seconds (docs/quantization.md). Cached as NAME-int4-RECIPE.",
+    help="int4: exact carries a GGUF source's own blocks over (seconds); calibrated is GPTQ on a "
+    "multi-domain text mix with int8 edge layers (minutes; smaller, faster decode); small has no int8 "
+    "matrix. default: exact from a GGUF, calibrated from a Hugging Face folder, small on a Raspberry "
+    "Pi 4 (a72) (docs/quantization.md). Cached as NAME-int4, or NAME-int4-RECIPE.",
 )
 def pull(name: str, precision: str, force: bool, target_cpu: str, recipe: str) -> None:
     """Fetch catalog model NAME, export it with a recipe and cache it; prints its folder."""

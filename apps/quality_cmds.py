@@ -42,12 +42,13 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
 )
 @click.option(
     "--recipe",
-    type=click.Choice(["default", "small", "exact"]),
+    type=click.Choice(["default", "calibrated", "small", "exact"]),
     default="default",
     show_default=True,
-    help="int4: small has no int8 matrix and gate_up_proj at block 64, for a 9%% smaller package with "
-    "more KL divergence; it is the default for --target-cpu a72. exact (a .gguf source): the GGUF's own "
-    "blocks, as --algo gguf (docs/quantization.md). The options below override the recipe's.",
+    help="int4: calibrated is GPTQ on a multi-domain text mix, with int8 edge layers (minutes); small "
+    "has no int8 matrix, 9%% smaller with more KL divergence; exact (a .gguf source) carries the GGUF's "
+    "own blocks over (seconds). default: exact for a quantized .gguf, small for --target-cpu a72, else "
+    "calibrated (docs/quantization.md). The options below override the recipe's.",
 )
 @click.option(
     "--symmetric/--asymmetric",
@@ -86,6 +87,13 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     show_default=True,
     help="The graph's default logits: every position (what onnxruntime-genai and optimum expect) or "
     "the last (edge-qwen only). edge-qwen's runtime computes the last position's alone either way.",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=None,
+    help="MatMulNBits' compute: 4 rounds activations to int8 (the fast path); 0 or 1 computes in "
+    "float32, the weights' exact products, slower [default: 4].",
 )
 @click.option(
     "--calibration",
@@ -141,6 +149,7 @@ def export(
     mixed: bool | None,
     max_context: int | None,
     logits: str,
+    accuracy_level: int | None,
     calibration: str | None,
     target_cpu: str,
     target: str,
@@ -173,9 +182,12 @@ def export(
         "lm_head": lm_head,
         "mixed": mixed,
         "calibration": calibration,
+        "accuracy_level": accuracy_level,
     }
+    # A GGUF's default is its exact import, unless an option shapes another recipe.
+    gguf = Path(source).suffix.lower() == ".gguf" and all(v is None for v in given.values())
     opts = replace(
-        recipe_options(recipe, precision, target_cpu),
+        recipe_options(recipe, precision, target_cpu, gguf),
         max_context=max_context,
         logits=logits,
         target_cpu=target_cpu,

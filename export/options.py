@@ -104,42 +104,59 @@ class ExportOptions:
 
 
 def default_options(precision: str = "int4", target_cpu: str = targets.ANY) -> ExportOptions:
-    """What `edge-qwen pull` and a bare `edge-qwen export` produce for each precision and target CPU.
+    """What `edge-qwen pull` and a bare `edge-qwen export` produce for each precision and target CPU
+    from a float checkpoint (a quantized GGUF's INT4 default is its exact import: recipe_options).
 
     The INT4 default is chosen by measurement on the held-out suite: see docs/quantization.md.
     """
     if precision == "int4":
         if targets.resolve(target_cpu) == "a72":  # no int8 dot products: no int8 matrices
             return replace(recipe_options("small"), target_cpu=target_cpu)
-        # GPTQ calibrated on the multi-domain mix, asymmetric, block 32 with lm_head (and the tied
-        # embedding) at 64, int4 lm_head, qkv_proj and down_proj at int8 in the first and last sixth
-        # of the layers. On the held-out suite's eight domains: KLD below onnxruntime-genai's best
-        # INT4 recipe (k_quant_mixed) on every one, top-1 within a point of it, at 0.48x the size of
-        # its INT4 default, decoding at 0.94x the layout without int8 (docs/quantization.md).
-        return ExportOptions(
-            precision="int4",
-            algo="gptq",
-            block_size=32,
-            lm_head="int4",
-            mixed=True,
-            block_sizes=(("lm_head", 64),),
-            calibration="auto",
-            target_cpu=target_cpu,
-        )
+        return calibrated_options(target_cpu)
     if precision == "int8":
         return ExportOptions(precision="int8", algo="kquant", block_size=32, target_cpu=target_cpu)
     return ExportOptions(precision=precision, target_cpu=target_cpu)
 
 
-RECIPES = ("default", "small", "exact")
+def calibrated_options(target_cpu: str = targets.ANY) -> ExportOptions:
+    """The calibrated INT4 recipe: GPTQ calibrated on the multi-domain mix, asymmetric, block 32 with
+    lm_head (and the tied embedding) at 64, int4 lm_head, qkv_proj and down_proj at int8 in the first
+    and last sixth of the layers. On the held-out suite's eight domains: KLD below onnxruntime-genai's
+    best INT4 recipe (k_quant_mixed) on every one, top-1 within a point of it, at 0.48x the size of its
+    INT4 default, decoding at 0.94x the layout without int8 (docs/quantization.md)."""
+    return ExportOptions(
+        precision="int4",
+        algo="gptq",
+        block_size=32,
+        lm_head="int4",
+        mixed=True,
+        block_sizes=(("lm_head", 64),),
+        calibration="auto",
+        target_cpu=target_cpu,
+    )
 
 
-def recipe_options(recipe: str, precision: str = "int4", target_cpu: str = targets.ANY) -> ExportOptions:
-    """A named recipe: `default` is default_options(precision, target_cpu); `small` (INT4 only) has no
-    int8 matrix and gate_up_proj at block 64: 9% smaller and the default on a Raspberry Pi 4 (a72),
-    with more KLD on every domain of the held-out suite (docs/quantization.md); `exact` (a GGUF source
-    only) carries the GGUF's own quantized blocks over unchanged (export/gguf_exact.py)."""
+RECIPES = ("default", "calibrated", "small", "exact")
+
+
+def recipe_options(
+    recipe: str, precision: str = "int4", target_cpu: str = targets.ANY, gguf: bool = False
+) -> ExportOptions:
+    """A named recipe for a source (`gguf`: a .gguf file).
+
+    - `calibrated` (INT4): GPTQ on the multi-domain mix with int8 edge layers, the best INT4 quality
+      per byte and the fastest decode, after minutes of calibration;
+    - `small` (INT4): no int8 matrix and gate_up_proj at block 64, 9% smaller, more KLD on every domain
+      of the held-out suite; the default on a Raspberry Pi 4 (a72);
+    - `exact` (INT4, a GGUF source): the GGUF's own quantized blocks carried over unchanged, in
+      seconds (export/gguf_exact.py);
+    - `default`: `exact` for a GGUF source at INT4 (outside the a72), else default_options. A float GGUF
+      asked for `exact` is exported with default_options (gguf_exact.options_for).
+
+    docs/quantization.md has the measurements behind each choice."""
     if recipe == "default":
+        if gguf and precision == "int4" and targets.resolve(target_cpu) != "a72":
+            return recipe_options("exact", precision, target_cpu)
         return default_options(precision, target_cpu)
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
@@ -149,6 +166,8 @@ def recipe_options(recipe: str, precision: str = "int4", target_cpu: str = targe
         )
     if recipe == "exact":
         return ExportOptions(precision="int4", algo=GGUF_EXACT, target_cpu=target_cpu)
+    if recipe == "calibrated":
+        return calibrated_options(target_cpu)
     return ExportOptions(
         precision="int4",
         algo="gptq",

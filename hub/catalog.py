@@ -32,7 +32,12 @@ if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
-RECIPES = ("default", "small", "exact")  # export/options.py RECIPES, without importing the exporter
+RECIPES = (
+    "default",
+    "calibrated",
+    "small",
+    "exact",
+)  # export/options.py RECIPES, without importing the exporter
 # What makes one source fail and the next one be tried: its own reasons (offline hub, checksum
 # mismatch), the file system (disk full), a checkpoint the exporter refuses.
 _SOURCE_FAILURES = (SourceError, OSError, ValueError)
@@ -202,10 +207,12 @@ def pull(
     with exclusive(out.parent, waiting):
         if _is_package(out) and not force:
             return out
-        return _pull_sources(entry, out, opts, force, progress)
+        return _pull_sources(entry, out, opts, force, progress, recipe)
 
 
-def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:
+def _pull_sources(
+    entry: CatalogEntry, out: Path, opts: ExportOptions, force: bool, progress: bool, recipe: str
+) -> Path:
     reasons, sources = [], entry.sources
     if opts.algo == "gguf":  # the exact recipe (export/options.py GGUF_EXACT) needs a GGUF to carry over
         sources = tuple(s for s in sources if s.delivers_gguf)
@@ -218,7 +225,9 @@ def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bo
         try:
             log.info("pulling %s from %s", entry.name, source.label)
             checkpoint = source.fetch(entry.name, home() / "downloads", progress)
-            return _export(checkpoint, out, opts, force, progress)
+            # The default recipe of a GGUF is its exact import (export/options.py recipe_options).
+            chosen = _default_options(opts.precision, opts.target_cpu, recipe, source.delivers_gguf)
+            return _export(checkpoint, out, chosen, force, progress)
         except _SOURCE_FAILURES as e:
             reasons.append(f"{source.label}: {_reason(e)}")
             if i + 1 < len(sources):
@@ -226,14 +235,16 @@ def _pull_sources(entry: CatalogEntry, out: Path, opts: ExportOptions, force: bo
     raise CatalogError(f"could not pull {entry.name}: {'; '.join(reasons)}")
 
 
-def _default_options(precision: str, target_cpu: str, recipe: str = "default") -> ExportOptions:
+def _default_options(
+    precision: str, target_cpu: str, recipe: str = "default", gguf: bool = False
+) -> ExportOptions:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         from edge_qwen.export.options import recipe_options
     except ImportError as e:
         raise CatalogError(f"pulling a model needs the exporter, which cannot be imported ({e})") from None
-    return recipe_options(recipe, precision, target_cpu)
+    return recipe_options(recipe, precision, target_cpu, gguf)
 
 
 def _export(checkpoint: Path, out: Path, opts: ExportOptions, force: bool, progress: bool) -> Path:

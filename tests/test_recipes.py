@@ -33,7 +33,10 @@ def test_on_a_pi_4_the_default_is_small() -> None:
 
 @pytest.mark.parametrize(
     ("recipe", "precision", "message"),
-    [("small", "int8", "an INT4 recipe"), ("fastest", "int4", "recipe must be one of default, small, exact")],
+    [
+        ("small", "int8", "an INT4 recipe"),
+        ("fastest", "int4", "recipe must be one of default, calibrated, small, exact"),
+    ],
 )
 def test_a_recipe_that_does_not_apply_is_refused(recipe: str, precision: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
