@@ -1,26 +1,31 @@
 """The HTTP layer: the standard library's ThreadingHTTPServer, with the bounds a server on a small
 device facing a network needs (docs/server.md says why this stack).
 
-One thread per connection, at most `max_connections` of them; each read waits at most `read_timeout`
-seconds and a whole body must arrive within it (slow senders cannot hold a thread for long); bodies
-over `max_body` bytes are refused unread (413); with an API key, every request needs the matching
-`Authorization: Bearer` header (401), compared in constant time. Each request gets one log line.
+One thread per connection, at most `max_connections` of them (apps/server_connections.py: when all
+are taken, the connection that has waited longest for a request is closed to make room). A request's
+line and headers must arrive within `header_timeout` seconds of its first byte (or of the connection's
+opening), a keep-alive connection may stay silent `idle_timeout` seconds between requests, a body must
+arrive within `read_timeout`, and no read or write waits longer than that: slow senders cannot hold a
+thread for long. Bodies over `max_body` bytes are refused unread (413); with an API key, every
+request needs the matching `Authorization: Bearer` header (401), compared in constant time. Each
+request gets one log line.
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edge_qwen.apps.server_connections import DeadlineReader, Slots
 from edge_qwen.apps.server_openai import RequestError
 
 log = logging.getLogger("edge_qwen.server")
@@ -31,7 +36,9 @@ Route = Callable[[Any, Any], None]
 @dataclass(frozen=True)
 class HttpLimits:
     max_body: int = 1 << 20  # bytes
-    read_timeout: float = 30.0  # seconds for headers and body to arrive
+    read_timeout: float = 30.0  # seconds for a body to arrive, and for any one read or write
+    header_timeout: float = 10.0  # seconds for a request's line and headers, from their first byte
+    idle_timeout: float = 10.0  # seconds a keep-alive connection may wait silent for its next request
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_connections: int = 32
 
@@ -56,6 +63,8 @@ class Exchange:
         h.send_header("Content-Length", str(len(data)))
         if h.close_connection:
             h.send_header("Connection", "close")
+        else:  # the answer is whole: from its first byte on, the client may send its next request
+            h.server.slots.waiting(h.connection)
         h.end_headers()
         self._write(data)
 
@@ -109,10 +118,36 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.limits.read_timeout)  # each socket read waits at most this
+        self.connection.settimeout(self.server.limits.read_timeout)  # each socket write waits at most this
+        self.rfile.close()  # the plain reader setup() made: ours bounds each read by the request's deadline
+        self.reader = DeadlineReader(self.connection, self.server.limits.read_timeout)
+        self.incoming = io.BufferedReader(self.reader)
+        self.rfile = self.incoming
+        self.requests = 0
         # Each event is one small write: without this, Nagle's algorithm holds it back until the
         # client acknowledges the previous one.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self) -> None:
+        """Wait for the next request's first byte (a new connection: its headers, a kept-alive one: its
+        idle time), then give its line and headers `header_timeout` to arrive whole."""
+        limits = self.server.limits
+        if self.requests:
+            self.server.slots.waiting(self.connection)
+        self.reader.deadline = time.monotonic() + (
+            limits.idle_timeout if self.requests else limits.header_timeout
+        )
+        try:
+            arrived = bool(self.incoming.peek(1))  # b"": the client closed, or was closed to make room
+        except OSError:  # TimeoutError included: silent too long
+            arrived = False
+        if not arrived:
+            self.close_connection = True
+            return
+        if self.requests:
+            self.reader.deadline = time.monotonic() + limits.header_timeout
+        self.requests += 1
+        super().handle_one_request()
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -128,6 +163,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         start = time.monotonic()
+        slots = self.server.slots
+        if slots.was_closed(self.connection):
+            self.close_connection = True  # closed to make room while its headers came: nobody to answer
+            return
         ex = Exchange(self, start + self.server.limits.request_timeout)
         path = self.path.split("?", 1)[0]
         close_after = self.close_connection  # as the request's version and Connection header say
@@ -136,10 +175,12 @@ class Handler(BaseHTTPRequestHandler):
             route = self._route(method, path)
             self._authorize()
             body = None if method != "POST" else self._read_json(start)
+            slots.serving(self.connection)
             route(ex, body)
         except RequestError as e:
             if not self._body_done:
                 self._skip_body(start, close_after)
+            slots.serving(self.connection)
             ex.error(e)
         except Exception:
             log.exception("%s %s failed", method, path)
@@ -203,14 +244,13 @@ class Handler(BaseHTTPRequestHandler):
         """The body, read in pieces so that a sender too slow for `deadline` is cut off (408)."""
         parts: list[bytes] = []
         left = length
+        self.reader.deadline = deadline
         while left > 0:
-            if time.monotonic() > deadline:
-                self.close_connection = self._body_done = True  # the connection ends: no more reading
-                raise RequestError("the body took too long to arrive", status=408)
             try:
                 part = self.rfile.read1(min(left, 1 << 16))
             except TimeoutError:
-                part = b""
+                self.close_connection = self._body_done = True  # the connection ends: no more reading
+                raise RequestError("the body took too long to arrive", status=408) from None
             if not part:
                 self.close_connection = self._body_done = True
                 raise RequestError(f"the body ended after {length - left} of {length} bytes", status=400)
@@ -252,18 +292,21 @@ class EdgeHTTPServer(ThreadingHTTPServer):
         self.routes = routes
         self.api_key = api_key
         self.limits = limits
-        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self.slots = Slots(limits.max_connections)
         super().__init__(address, Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("%s refused: %d connections open", client_address[0], self.limits.max_connections)
+        if not self.slots.acquire():
+            log.warning(
+                "%s refused: %d requests being answered", client_address[0], self.limits.max_connections
+            )
             self.shutdown_request(request)
             return
+        self.slots.waiting(request)
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self.slots.release(request)
