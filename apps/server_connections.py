@@ -6,7 +6,7 @@ request has arrived whole (line, headers and body); then it is *serving* until t
 streamed to its end. When every slot is taken and another client connects, the connection that has
 waited longest is closed to make room: an idle keep-alive connection or a client still trickling its
 request, never one whose request is being answered. HTTP lets a server close an idle keep-alive
-connection at any time (RFC 9112, section 9.6); clients open another.
+connection at any time (RFC 9112, section 9.5); clients open another.
 """
 
 from __future__ import annotations
