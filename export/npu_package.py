@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,16 +16,19 @@ from tqdm.auto import tqdm
 
 from edge_qwen import __version__
 from edge_qwen.config import QwenConfig
+from edge_qwen.export.calibrate import calibration_record
 from edge_qwen.export.checkpoint import Checkpoint
 from edge_qwen.export.graph import Graph, op_counts
 from edge_qwen.export.npu_graph import embeddings_graph, fix_shapes, head_graph, layers_graph, npu_model
-from edge_qwen.export.npu_quant import LPBQ_BLOCKS, WEIGHT_BITS, quantize_part
+from edge_qwen.export.npu_quant import LPBQ_BLOCKS, WEIGHT_BITS, quantize_part, weight_bits
+from edge_qwen.export.options import CALIBRATIONS
 from edge_qwen.export.writer import _replace_dir, compact_merges, stop_token_ids
 from edge_qwen.npu import NpuCache, NpuLayout, NpuPart, NpuRunner
 from edge_qwen.package import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, work_dir
-from edge_qwen.quant.texts import builtin_text
+from edge_qwen.quant.texts import Text, builtin_text
 
 NPU_PRECISIONS = ("w8a16", "w4a16", "fp32")
+NPU_ALGOS = ("gptq", "rtn")  # how int4 weights are rounded onto their LPBQ grid
 CONTEXTS = (1024, 2048, 4096)
 # The weights one part may hold. A part becomes one QNN context binary on the device: a conservative
 # bound (the largest binary a given phone takes is not measured here), which also keeps the float
@@ -42,16 +46,31 @@ class NpuOptions:
     prefill_len: int = 128
     context: int = 1024
     part_bytes: int = PART_BYTES
+    # W4A16 only: GPTQ's error-compensating rounding (calibrated like the CPU INT4 default) or
+    # round-to-nearest, and qkv/down_proj of the first and last sixth of the layers at int8.
+    algo: str = "gptq"
+    int8_edges: bool = True
+    calibration: str = "auto"  # GPTQ's text, as the CPU export's --calibration (export/options.py)
 
     def __post_init__(self) -> None:
         if self.precision not in NPU_PRECISIONS:
             raise ValueError(
                 f"NPU precision must be one of {', '.join(NPU_PRECISIONS)}, got {self.precision!r}"
             )
+        if self.algo not in NPU_ALGOS:
+            raise ValueError(f"NPU algo must be one of {', '.join(NPU_ALGOS)}, got {self.algo!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(
+                f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}"
+            )
         if not 2 <= self.prefill_len <= self.context:
             raise ValueError(f"prefill_len must be in [2, context={self.context}], got {self.prefill_len}")
         if self.context < 16:
             raise ValueError(f"context must be >= 16, got {self.context}")
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.precision == "w4a16" and self.algo == "gptq"
 
 
 def split_layers(cfg: QwenConfig, bits: int, part_bytes: int) -> list[range]:
@@ -66,9 +85,12 @@ def split_layers(cfg: QwenConfig, bits: int, part_bytes: int) -> list[range]:
 
 
 def write_npu_package(
-    ckpt: Checkpoint, out: Path, opts: NpuOptions, overwrite: bool = False, show_progress: bool = True
-) -> Path:
-    """Export `ckpt` as an NPU package into `out`; nothing appears at `out` unless the export completes."""
+    ckpt: Checkpoint, out: Path, opts: NpuOptions, overwrite: bool = False, show_progress: bool = True,
+    calib_stats: tuple[Mapping[str, np.ndarray], Text] | None = None,
+) -> Path:  # fmt: skip
+    """Export `ckpt` as an NPU package into `out`; nothing appears at `out` unless the export completes.
+
+    GPTQ's statistics (export/calibrate.py) are collected when needed, unless given with their text."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists: choose another folder or pass --overwrite")
@@ -80,23 +102,16 @@ def write_npu_package(
         quantized = opts.precision != "fp32"
         floats = tmp / "float" if quantized else tmp
         floats.mkdir(exist_ok=True)
-        layout = write_float_parts(ckpt, floats, opts, show_progress)
+        stats: Mapping[str, np.ndarray] | None = None
         calibration: dict[str, Any] | None = None
+        if opts.needs_statistics:  # first: its fp32 session is gone before the parts are built
+            stats, text = calib_stats or gptq_statistics(ckpt, opts.calibration, tmp, show_progress)
+        layout = write_float_parts(ckpt, floats, opts, show_progress)
         if quantized:
             feeds, calibration = calibration_feeds(ckpt, floats, layout)
-            for part in tqdm([*layout.parts, layout.head], desc="quantize", disable=not show_progress):
-                model = floats / part.prefill
-                quantize_part(
-                    model,
-                    tmp,
-                    part,
-                    feeds[part.name],
-                    opts.precision,
-                    ckpt.config,
-                    opts.prefill_len,
-                    opts.context,
-                )
-                del feeds[part.name]
+            if stats is not None:
+                calibration["weights"] = calibration_record(text)
+            quantize_parts(ckpt, tmp, floats, layout, opts, feeds, stats, show_progress)
             for name in (layout.embeddings, f"{layout.embeddings}.data"):
                 (floats / name).rename(tmp / name)
             shutil.rmtree(floats)
@@ -106,6 +121,43 @@ def write_npu_package(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def quantize_parts(
+    ckpt: Checkpoint, tmp: Path, floats: Path, layout: NpuLayout, opts: NpuOptions,
+    feeds: dict[str, list[dict[str, np.ndarray]]], stats: Mapping[str, np.ndarray] | None,
+    show_progress: bool,
+) -> None:  # fmt: skip
+    """Each part quantized in turn; the statistics of a part's weights are let go once it is done."""
+    cfg = ckpt.config
+
+    def bits_of(weight: str) -> int:
+        return weight_bits(weight, opts.precision, cfg.num_hidden_layers, opts.int8_edges)
+
+    for part in tqdm([*layout.parts, layout.head], desc="quantize", disable=not show_progress):
+        prefixes = tuple(f"model.layers.{i}." for i in part.layers) or ("lm_head",)
+        names = [n for n in stats or {} if n.startswith(prefixes)]
+        part_stats = None if stats is None else {n: stats[n] for n in names}
+        model = floats / part.prefill
+        quantize_part(
+            model, tmp, part, feeds.pop(part.name), bits_of, cfg, opts.prefill_len, opts.context, part_stats
+        )
+        if isinstance(stats, MutableMapping):
+            for n in names:
+                del stats[n]
+        del part_stats
+
+
+def gptq_statistics(
+    ckpt: Checkpoint, calibration: str, tmp: Path, show_progress: bool
+) -> tuple[dict[str, np.ndarray], Text]:
+    """X^T X of every weight's inputs over the CPU INT4 default's calibration text (2.5 GB for the
+    0.5B, held in memory: a part's are let go once it is quantized)."""
+    from edge_qwen.export.calibrate import collect_statistics
+    from edge_qwen.export.writer import choose_calibration_text
+
+    text = choose_calibration_text(ckpt, calibration)
+    return collect_statistics(ckpt, text, True, tmp, show_progress), text
 
 
 def write_float_parts(ckpt: Checkpoint, root: Path, opts: NpuOptions, show_progress: bool) -> NpuLayout:
@@ -192,7 +244,7 @@ def write_metadata(
             "config": ckpt.config.to_dict(),
             "precision": opts.precision,
             "quantization": {
-                "weights": None if opts.precision == "fp32" else weights_record(opts.precision),
+                "weights": None if opts.precision == "fp32" else weights_record(opts),
                 "activations": None if opts.precision == "fp32" else "uint16 per tensor, MinMax",
                 "tool": "onnxruntime.quantization get_qnn_qdq_config + quantize",
                 "calibration": calibration,
@@ -209,12 +261,16 @@ def write_metadata(
     )
 
 
-def weights_record(precision: str) -> str:
-    bits = WEIGHT_BITS[precision]
-    return (
+def weights_record(opts: NpuOptions) -> str:
+    bits = WEIGHT_BITS[opts.precision]
+    record = (
         f"int{bits} block-wise, symmetric (LPBQ: uint8 block scales x float channel scales; blocks of "
         f"{LPBQ_BLOCKS[0]} inputs, or the first of {LPBQ_BLOCKS[1:]} that divides them)"
     )
+    if bits == 4 and opts.int8_edges:
+        record += "; int8 qkv/down_proj in the first and last sixth of the layers"
+    rounding = "GPTQ" if opts.needs_statistics else "to nearest"
+    return f"{record}; rounded {rounding}"
 
 
 def onnx_graph(path: Path) -> Any:

@@ -9,7 +9,7 @@ quantized graph is then written at both static lengths over one weights file (np
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import ml_dtypes
@@ -19,13 +19,37 @@ from onnx import helper, numpy_helper
 
 from edge_qwen.config import QwenConfig
 from edge_qwen.export.npu_graph import fix_shapes
+from edge_qwen.export.recipe import is_sensitive
 from edge_qwen.npu import NpuPart
-from edge_qwen.quant.lpbq import quantize_lpbq
+from edge_qwen.quant.lpbq import gptq_lpbq, quantize_lpbq
 
 log = logging.getLogger(__name__)
 
 WEIGHT_BITS = {"w8a16": 8, "w4a16": 4, "fp32": 32}
 LPBQ_BLOCKS = (64, 32, 16)  # input rows per block scale of a weight: the first that divides them
+# Each NPU weight's input statistics (X^T X) in export/calibrate.py's names: q, k and v share an input.
+STATS_NAMES = {
+    "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
+    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+}  # fmt: skip
+
+
+def stats_name(weight: str) -> str:
+    """`model.layers.3.self_attn.k_proj.weight` -> `model.layers.3.self_attn.qkv_proj`; lm_head too."""
+    path, _, kind = weight.removesuffix(".weight").rpartition(".")
+    return f"{path}.{STATS_NAMES[kind]}" if kind in STATS_NAMES else weight.removesuffix(".weight")
+
+
+def weight_bits(weight: str, precision: str, num_layers: int, int8_edges: bool) -> int:
+    """The bits of one weight: the precision's, or 8 for qkv and down_proj of the first and last sixth
+    of the layers (the CPU INT4 default's sensitive tensors, export/recipe.py) when `int8_edges`."""
+    bits = WEIGHT_BITS[precision]
+    parts = weight.split(".")
+    if bits == 4 and int8_edges and len(parts) > 4 and parts[1] == "layers":
+        kind = STATS_NAMES.get(parts[4])
+        if kind and is_sensitive(kind, int(parts[2]), num_layers):
+            return 8
+    return bits
 
 
 class FeedsReader:
@@ -39,10 +63,14 @@ class FeedsReader:
 
 
 def quantize_part(
-    fp32_model: Path, out_dir: Path, part: NpuPart, feeds: list[dict[str, np.ndarray]], weights: str,
-    cfg: QwenConfig, prefill_len: int, context: int,
+    fp32_model: Path, out_dir: Path, part: NpuPart, feeds: list[dict[str, np.ndarray]],
+    bits_of: Callable[[str], int], cfg: QwenConfig, prefill_len: int, context: int,
+    stats: Mapping[str, np.ndarray] | None = None,
 ) -> None:  # fmt: skip
-    """Quantize one part (its float graph at the prefill length) and write both lengths into out_dir."""
+    """Quantize one part (its float graph at the prefill length) and write both lengths into out_dir.
+
+    `bits_of` gives each weight's bits; with `stats` (input X^T X per weight, export/calibrate.py) the
+    weights are rounded by GPTQ onto their LPBQ grid, else to nearest."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
@@ -71,7 +99,7 @@ def quantize_part(
     def float_weight(name: str) -> np.ndarray:
         return numpy_helper.to_array(originals[name], base_dir=str(fp32_model.parent))
 
-    lpbq_weights(model, float_weight, WEIGHT_BITS[weights])
+    lpbq_weights(model, float_weight, bits_of, stats)
     data = f"{part.name}.onnx.data"
     prefill = fix_shapes(model, cfg, prefill_len, context)
     onnx.save_model(
@@ -86,7 +114,10 @@ def quantize_part(
         leftover.unlink()
 
 
-def lpbq_weights(model: onnx.ModelProto, float_weight: Callable[[str], np.ndarray], bits: int) -> None:
+def lpbq_weights(
+    model: onnx.ModelProto, float_weight: Callable[[str], np.ndarray], bits_of: Callable[[str], int],
+    stats: Mapping[str, np.ndarray] | None = None,
+) -> None:  # fmt: skip
     """Re-encode the weight of every MatMul block-wise, in the pattern QNN's LPBQ MatMul fusion takes.
 
     #   W (int8 per tensor) -> DequantizeLinear -> MatMul        becomes
@@ -97,7 +128,6 @@ def lpbq_weights(model: onnx.ModelProto, float_weight: Callable[[str], np.ndarra
     graph = model.graph
     producers = {o: n for n in graph.node for o in n.output}
     initializers = {t.name: t for t in graph.initializer}
-    dtype = ml_dtypes.int4 if bits == 4 else np.int8
     for matmul in [n for n in graph.node if n.op_type == "MatMul"]:
         dequantize = producers.get(matmul.input[1])
         if (
@@ -111,7 +141,12 @@ def lpbq_weights(model: onnx.ModelProto, float_weight: Callable[[str], np.ndarra
         block = next((b for b in LPBQ_BLOCKS if weight.shape[0] % b == 0), None)
         if block is None:
             raise ValueError(f"{name}: {weight.shape[0]} inputs divide into no block size of {LPBQ_BLOCKS}")
-        encoded = quantize_lpbq(weight, block, bits)
+        bits = bits_of(name)
+        dtype = ml_dtypes.int4 if bits == 4 else np.int8
+        if stats is None:
+            encoded = quantize_lpbq(weight, block, bits)
+        else:
+            encoded = gptq_lpbq(weight, stats[stats_name(name)], block, bits)
         for old in dequantize.input:
             graph.initializer.remove(initializers.pop(old))
         blocks, channels = encoded.block_scales.shape

@@ -1,11 +1,13 @@
-"""LPBQ, HTP's block-wise weight encoding: ranges, error against simpler encodings, bad input."""
+"""LPBQ, HTP's block-wise weight encoding: ranges, error against simpler encodings, GPTQ's rounding onto
+its grid, bad input."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edge_qwen.quant.lpbq import quantize_lpbq
+from edge_qwen.quant.lpbq import gptq_lpbq, quantize_lpbq
+from tests.test_gptq import correlated_inputs
 
 
 def weights(seed: int = 0) -> np.ndarray:
@@ -47,3 +49,25 @@ def test_uint8_block_scales_cost_little_against_float_block_scales() -> None:
 def test_a_size_the_block_does_not_divide_is_refused() -> None:
     with pytest.raises(ValueError, match="not a multiple of the block size 64"):
         quantize_lpbq(np.zeros((96, 8), np.float32), block_size=64)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_onto_the_grid_cuts_the_output_error_of_rounding(bits: int) -> None:
+    w = weights(2)
+    x = correlated_inputs(256, 2048)
+    hessian = (x.T @ x / len(x)).astype(np.float32)
+    rounded, ours = quantize_lpbq(w, 64, bits), gptq_lpbq(w, hessian, 64, bits)
+
+    def output_error(q: np.ndarray) -> float:
+        return float(np.linalg.norm(x @ (q - w)) / np.linalg.norm(x @ w))
+
+    assert output_error(ours.dequantize()) < 0.8 * output_error(rounded.dequantize())
+    # Still exactly LPBQ: codes in range, uint8 block scales, the channel scales of the plain encoding
+    assert ours.q.min() >= -(2 ** (bits - 1)) and ours.q.max() <= 2 ** (bits - 1) - 1
+    assert ours.block_scales.dtype == np.uint8 and ours.block_scales.min() >= 1
+    np.testing.assert_array_equal(ours.channel_scales, rounded.channel_scales)
+
+
+def test_gptq_refuses_statistics_of_another_size() -> None:
+    with pytest.raises(ValueError, match=r"hessian must be \(256, 256\)"):
+        gptq_lpbq(weights(), np.eye(128, dtype=np.float32))
