@@ -181,8 +181,10 @@ MEASURED_TEXT = """\
 Run {date} on {cpu} ({logical_cores} logical cores), onnxruntime {onnxruntime}, llama.cpp \
 {llamacpp}, onnxruntime-genai {ortgenai}. {note}
 
-Model: the real Qwen2.5-Coder-0.5B-Instruct (`../shared/models/fetch_gguf.py`). Ours: the default \
-INT4 package (`default_options("int4")`: {recipe}), exported from that GGUF. llama.cpp: the GGUF as \
+Model: the real Qwen2.5-Coder-0.5B-Instruct (`../shared/models/fetch_gguf.py`). Ours: the calibrated \
+INT4 package (`--recipe calibrated`, the default from a Hugging Face folder: {recipe}), exported from \
+that GGUF; rows "edge-qwen (NAME)" are other packages of ours in the same rounds (`--also`), "exact" \
+the GGUF's own blocks (`--recipe exact`, the default from a GGUF). llama.cpp: the GGUF as \
 is (Q4_K_M), `llama-bench -p {prompt_tokens} -n {gen_tokens} -r 1 -t {threads}`. onnxruntime-genai: \
 its model builder's INT4 CPU default (`../shared/peers/ortgenai_peer.sh`), timed by \
 `ortgenai_bench.py`. Protocol (llama-bench's): a {prompt_tokens}-token prompt (prefill tok/s), then \
