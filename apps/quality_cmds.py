@@ -93,7 +93,8 @@ EXPORT_EXTRA_HINT = "exporting needs the export extra ({} is missing): pip insta
     type=click.IntRange(0, 4),
     default=None,
     help="MatMulNBits' compute: 4 rounds activations to int8 (the fast path); 0 or 1 computes in "
-    "float32, the weights' exact products, slower [default: 4].",
+    "float32, the weights' exact products: slower, and for 8-bit matrices (int8 layers, a GGUF's "
+    "5-8-bit blocks) ONNX Runtime dequantizes the whole matrix at every call [default: 4].",
 )
 @click.option(
     "--calibration",
