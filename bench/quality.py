@@ -87,6 +87,8 @@ OURS["int4-gptq-b32-head4-nomix-suite"] = {**OURS["int4-gptq-b32-head4-nomix"], 
 OURS["int4-gptq-b32-head4-hd64-suite"] = _int4(
     "gptq", 32, lm_head="int4", block_sizes=(("lm_head", 64),), calibration="suite"
 )
+# A GGUF's own blocks carried over (--recipe exact), the default for a GGUF source.
+OURS["int4-gguf-exact"] = {"precision": "int4", "algo": "gguf"}
 PEER_ROWS = {
     "ort-genai-int4": "ortgenai-int4-qwen2.5-coder-0.5b-instruct",
     "ort-genai-int4-kqmixed": "ortgenai-int4-kqmixed",

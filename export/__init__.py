@@ -34,10 +34,14 @@ def is_current(package: Path, opts: ExportOptions, config: QwenConfig) -> bool:
     manifest, marker = package / MANIFEST, _marker(package)
     if not manifest.is_file() or not marker.is_file() or marker.read_text() != source_fingerprint():
         return False
+    from edge_qwen.export.options import GGUF_EXACT  # options imports this package
+
     quantization = json.loads(manifest.read_text())["quantization"]
-    return quantization["recipe"] == opts.recipe_for(config).to_dict() and (
-        quantization["accuracy_level"] == opts.accuracy_level
-    )
+    if opts.algo == GGUF_EXACT:  # the recipe is the GGUF's own (export/writer.py records its types)
+        same_recipe = "gguf blocks, exactly" in quantization["recipe"]
+    else:
+        same_recipe = quantization["recipe"] == opts.recipe_for(config).to_dict()
+    return same_recipe and quantization["accuracy_level"] == opts.accuracy_level
 
 
 def mark_current(package: Path) -> Path:

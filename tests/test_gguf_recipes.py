@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from edge_qwen.apps.cli import cli
-from edge_qwen.export import gguf_exact
+from edge_qwen.export import gguf_exact, is_current, mark_current
 from edge_qwen.export.options import GGUF_EXACT, ExportOptions, default_options, recipe_options
 from edge_qwen.export.readers import read_checkpoint
+from edge_qwen.export.writer import write_package
 from edge_qwen.hub import catalog, sources
 from edge_qwen.hub.catalog import CatalogError
 from tests.fake_pypi import make_catalog, pypi_source
@@ -107,3 +108,13 @@ def test_a_bare_export_of_a_gguf_is_exact_unless_an_option_shapes_another_recipe
     rtn = json.loads((tmp_path / "rtn" / "edge_qwen.json").read_text())["quantization"]["recipe"]
     assert bare["gguf blocks, exactly"] == f"Q8_0 x{1 + LAYERS}"
     assert "gguf blocks, exactly" not in rtn and "rtn" in rtn["body"]
+
+
+def test_an_exact_package_is_current_for_the_exact_recipe_only(tmp_path: Path) -> None:
+    path, out = tmp_path / "q.gguf", tmp_path / "pkg"
+    write_tiny_gguf(path)
+    ckpt = read_checkpoint(path)
+    write_package(ckpt, out, recipe_options("exact"), show_progress=False)
+    mark_current(out)
+    assert is_current(out, recipe_options("exact"), ckpt.config)
+    assert not is_current(out, ExportOptions(precision="int8", algo="kquant"), ckpt.config)
