@@ -122,7 +122,7 @@ def test_a_request_trickling_its_headers_is_cut_at_the_header_timeout() -> None:
         assert b'"ok"' in answer
 
 
-def test_an_idle_keep_alive_connection_is_closed_at_the_idle_timeout_not_before() -> None:
+def test_an_idle_keep_alive_connection_serves_a_next_request_then_is_closed() -> None:
     limits = HttpLimits(header_timeout=60, idle_timeout=1.0, read_timeout=60)
     with http_layer(limits, Block()) as port:
         sock, first = ask(port)
