@@ -151,7 +151,8 @@ def main() -> None:
                 continue
             decoder, speed = peer_decoder(pkg, ref.config), peer_decode_speed(pkg)
         edge = max(1, ref.config.num_hidden_layers // 6)  # as export/recipe.py is_sensitive
-        mixed = row in OURS and OURS[row].get("precision") == "int4" and OURS[row].get("mixed", True)
+        ours = OURS.get(row, {})
+        mixed = ours.get("precision") == "int4" and ours.get("mixed", True) and ours.get("algo") != "gguf"
         results[name] = {
             "int8_edge_layers": f"{edge}+{edge}" if mixed else None,
             "size_bytes": folder_size(pkg),

@@ -112,8 +112,10 @@ Domains: `code` Python's standard library and a Rust crate; `en-tech` the Debian
 `en-legal` GPL-2, GPL-3, MPL-1.1; `en-fiction` fortune-mod's quotations; `chat` the Debian FAQ as
 Qwen2.5 chat turns; `zh`, `es`, `de` the Debian Reference's translations. No calibration text shares
 a 64-token window with them (tests/test_suite.py). Each cell: mean KLD / top-1 agreement. Rows:
-`default` is the default INT4 recipe (int8 qkv/down_proj in the edge layers, calibrated on the
-multi-domain mix); `small` the layout without int8 matrices (`--recipe small`), calibrated on the mix
+`calibrated` is the INT4 recipe of that name (int8 qkv/down_proj in the edge layers, calibrated on the
+multi-domain mix), the default from a Hugging Face folder; `exact` carries the GGUF's own blocks
+over (`--recipe exact`), the default from a GGUF: its KLD is what ONNX Runtime's int8 activations
+alone cost; `small` the layout without int8 matrices (`--recipe small`), calibrated on the mix
 as used, on an earlier mix of equal shares, or on the built-in Python text (the previous default);
 `int8 embedding` adds an int8 embedding table; `int8` is the INT8 default; the peers as above.
 The last column counts the domains where a package meets the bar set for the default: KLD at most
