@@ -59,5 +59,9 @@ def models() -> None:
 
 
 def _cached(name: str, cached: list[catalog.CachedPackage]) -> str:
-    found = [f"{p.precision} {p.size / 1e6:.0f} MB" for p in cached if p.name == name]
+    found = [
+        f"{p.precision}{'' if p.recipe == 'default' else '-' + p.recipe} {p.size / 1e6:.0f} MB"
+        for p in cached
+        if p.name == name
+    ]
     return ", ".join(found) or "-"

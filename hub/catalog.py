@@ -140,6 +140,7 @@ class CachedPackage:
     precision: str
     path: Path
     size: int  # bytes on disk
+    recipe: str = "default"  # NAME-int4-small: "small"
 
 
 def cached_packages() -> list[CachedPackage]:
@@ -148,13 +149,15 @@ def cached_packages() -> list[CachedPackage]:
     root = home() / "packages"
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         name, _, precision = path.name.rpartition("-")
+        recipe = "default"
         if precision in RECIPES:  # NAME-int4-small
+            recipe = precision
             name, _, precision = name.rpartition("-")
         # Hidden entries are unfinished exports (".<name>.<random>.partial") or ones being replaced.
         if path.name.startswith(".") or precision not in PRECISIONS or not _is_package(path):
             continue
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        found.append(CachedPackage(name, precision, path, size))
+        found.append(CachedPackage(name, precision, path, size, recipe))
     return found
 
 

