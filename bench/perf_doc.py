@@ -296,7 +296,7 @@ copy written, then read). For the default int4 recipe's int8 tensors, per token:
 What the runtime does about it: ONNX Runtime falls back correctly (fp32 compute is, if anything, \
 more accurate), and `edge_qwen.load` logs one warning when the machine is ARM, /proc/cpuinfo lacks \
 `asimddp` and the package's recipe holds int8 matrices, naming the fix: export without int8 matrices \
-(`edge-qwen export ... --no-mixed --lm-head int4`) so that only the 4-bit fp32-compute kernels run \
+(`--recipe small`) so that only the 4-bit fp32-compute kernels run \
 (`int8_fallback_warning` in edge_qwen/providers.py; tests/test_providers.py). `edge-qwen bench` \
 prints the CPU's kernel-relevant features (no `asimddp` on a Pi 4), so the fallback shows in its \
 report too. {pull}

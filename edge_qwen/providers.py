@@ -126,13 +126,21 @@ def int8_fallback_warning(recipe: Mapping[str, Any], arch: str, cpuinfo: str) ->
     if arch.lower() not in ("aarch64", "arm64") or "asimddp" in cpuinfo.split():
         return None
     int8 = [part for part, scheme in recipe.items() if isinstance(scheme, str) and scheme.startswith("int8")]
+    # An exact GGUF import records its block types: these go into 8-bit MatMulNBits (export/gguf_exact.py).
+    exact = recipe.get("gguf blocks, exactly")
+    eight_bit = [t for t in GGUF_8BIT if isinstance(exact, str) and f"{t} x" in exact]
+    if eight_bit:
+        int8 = [f"the GGUF's {', '.join(eight_bit)} blocks"]
     if not int8 or set(int8) <= {"embeddings"}:  # a gathered table reads one row: no matmul fallback
         return None
     return (
         f"this CPU has no int8 dot-product instructions (asimddp), so the package's int8 weights "
         f"({', '.join(int8)}) run a slow float32 fallback: for this machine, export an all-int4 package "
-        "(edge-qwen export ... --precision int4 --no-mixed --lm-head int4)"
+        "(edge-qwen export ... --recipe small, or edge-qwen pull NAME --recipe small)"
     )
+
+
+GGUF_8BIT = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")  # GGUF types an exact import keeps at 8 bits
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:

@@ -125,13 +125,30 @@ MIXED = {
 
 def test_int8_fallback_warning_names_the_fix_on_a_cpu_without_dot_products() -> None:
     warning = int8_fallback_warning(MIXED, "aarch64", A72)
-    assert warning is not None and "asimddp" in warning and "--no-mixed" in warning and "sensitive" in warning
+    assert (
+        warning is not None
+        and "asimddp" in warning
+        and "--recipe small" in warning
+        and "sensitive" in warning
+    )
     assert int8_fallback_warning(MIXED, "aarch64", A76) is None  # dotprod: int8 kernels
     assert int8_fallback_warning(MIXED, "x86_64", "flags\t: fpu sse2 avx2\n") is None
     all_int4 = {**MIXED, "sensitive (...)": None}
     assert int8_fallback_warning(all_int4, "aarch64", A72) is None
     assert int8_fallback_warning({**all_int4, "embeddings": "int8 b32 asym rtn"}, "aarch64", A72) is None
     assert int8_fallback_warning({"body": "fp32"}, "arm64", A72) is None
+
+
+def test_an_exact_gguf_import_with_8_bit_blocks_warns_too() -> None:
+    exact = {
+        "gguf blocks, exactly": "Q4_K x12, Q5_0 x133, Q6_K x12, Q8_0 x13",
+        "other types (requantized)": None,
+    }
+    warning = int8_fallback_warning(exact, "aarch64", A72)
+    assert warning is not None and "the GGUF's Q8_0, Q5_0, Q6_K blocks" in warning
+    assert int8_fallback_warning(exact, "aarch64", A76) is None
+    all_4_bit = {"gguf blocks, exactly": "Q4_0 x169, Q4_K x29", "other types (requantized)": None}
+    assert int8_fallback_warning(all_4_bit, "aarch64", A72) is None
 
 
 @pytest.mark.parametrize("tiny", [True], ids=["tied"], indirect=True)
@@ -145,4 +162,4 @@ def test_load_warns_once_where_int8_weights_would_fall_back(
         edge_qwen.load(mixed)
         edge_qwen.load(all_int4)
     warnings = [r.getMessage() for r in caplog.records if r.name == "edge_qwen.loader"]
-    assert len(warnings) == 1 and "--no-mixed" in warnings[0]
+    assert len(warnings) == 1 and "--recipe small" in warnings[0]
