@@ -32,12 +32,8 @@ if TYPE_CHECKING:  # the exporter is imported only when a pull needs it
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
-RECIPES = (
-    "default",
-    "calibrated",
-    "small",
-    "exact",
-)  # export/options.py RECIPES, without importing the exporter
+# export/options.py RECIPES, without importing the exporter
+RECIPES = ("default", "calibrated", "small", "exact")
 # What makes one source fail and the next one be tried: its own reasons (offline hub, checksum
 # mismatch), the file system (disk full), a checkpoint the exporter refuses.
 _SOURCE_FAILURES = (SourceError, OSError, ValueError)
@@ -222,7 +218,7 @@ def _pull_sources(
         if not sources:
             raise CatalogError(
                 f"{entry.name} has no GGUF source, and the exact recipe carries a GGUF's own blocks: "
-                "pull it with --recipe default or small"
+                "pull it with --recipe calibrated or small"
             )
     for i, source in enumerate(sources):
         try:

@@ -84,7 +84,7 @@ def test_pull_recipe_exact_takes_only_gguf_sources(home, pypi, tiny_gguf, monkey
 def test_pull_recipe_exact_without_a_gguf_source_says_so(home, monkeypatch) -> None:
     monkeypatch.setattr(sources, "hf_snapshot", lambda *args: pytest.fail("nothing may be fetched"))
     cat = make_catalog({"kind": "hf", "repo": "Qwen/none"})
-    with pytest.raises(CatalogError, match="tiny has no GGUF source.*--recipe default or small"):
+    with pytest.raises(CatalogError, match="tiny has no GGUF source.*--recipe calibrated or small"):
         catalog.pull("tiny", catalog=cat, progress=False, recipe="exact")
     assert not (home / "packages" / "tiny-int4-exact").exists()
 
