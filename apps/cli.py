@@ -130,12 +130,13 @@ def info(model: Path | None, as_json: bool, providers: bool) -> None:
 def _cached(name: str) -> Path:
     """A catalog name's cached INT4 package: `info` shows what is there, and never pulls."""
     from edge_qwen.hub import catalog
+    from edge_qwen.package import MANIFEST
 
     entry = catalog.load_catalog().find(name)
     if entry is None:
         raise click.ClickException(f"{name} is neither a package folder nor a catalog name")
     path = catalog.package_dir(entry.name, "int4")
-    if not (path / "edge_qwen.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise click.ClickException(f"{entry.name} is not pulled yet: edge-qwen pull {entry.name}")
     return path
 

@@ -21,24 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-EXTREMES = [
-    0,
-    1,
-    2,
-    3,
-    4,
-    31,
-    255,
-    2**16,
-    2**31 - 1,
-    2**31,
-    2**32 - 1,
-    2**32,
-    2**62,
-    2**63 - 1,
-    2**63,
-    2**64 - 1,
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from tests.gguf_writer import EXTREMES, write_tiny_gguf  # noqa: E402
 
 
 def mutate(data: bytes, header_end: int, rng: random.Random) -> bytes:
@@ -102,9 +86,6 @@ def main() -> None:
             GGUFReader(args.time)
             print(f"header walk {walked - started:.2f} s, gguf-py parse {time.perf_counter() - walked:.2f} s")
         return
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
-    from tests.gguf_writer import write_tiny_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = Path(tmp) / "tiny.gguf"

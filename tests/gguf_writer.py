@@ -11,6 +11,26 @@ HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 64, 2, 1, 16, 2
 MERGES = ["h e", "l l", "Ġ w", "o r", "he ll", "hell o", "Ġw or", "Ġwor l", "Ġworl d", "1 2"]
 SPECIALS = {"<|endoftext|>": 3, "<|im_start|>": 3, "<|im_end|>": 3, "<tool_call>": 4}
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+# Values a hostile header puts in a count, length, size or offset (the fuzz tests and
+# bench/gguf_header_fuzz.py).
+EXTREMES = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    31,
+    255,
+    2**16,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+]
 
 
 def byte_alphabet() -> list[str]:

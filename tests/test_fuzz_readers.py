@@ -26,7 +26,7 @@ from edge_qwen.export.gguf_reader import read_gguf
 from edge_qwen.export.hf_reader import read_hf_folder
 from edge_qwen.package import MANIFEST, read_manifest
 from tests.conftest import export_tiny
-from tests.gguf_writer import write_tiny_gguf
+from tests.gguf_writer import EXTREMES, write_tiny_gguf
 from tests.tiny import make_tiny_checkpoint
 
 FUZZ = settings(
@@ -36,25 +36,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-# Values a hostile header puts in a count, length, size or offset.
-EXTREMES = [
-    0,
-    1,
-    2,
-    3,
-    4,
-    31,
-    255,
-    2**16,
-    2**31 - 1,
-    2**31,
-    2**32 - 1,
-    2**32,
-    2**62,
-    2**63 - 1,
-    2**63,
-    2**64 - 1,
-]
 
 
 class Files(dict):  # type: ignore[type-arg]

@@ -47,12 +47,17 @@ def genai_builder_int4() -> Path:
     return out
 
 
-def test_genai_answers_with_our_tokens(package: Path) -> None:
+def assert_genai_answers_as_ours(package: Path) -> None:
+    """Greedy from the same prompt ids: Paris in ours, and onnxruntime-genai gives the same tokens."""
     ours = edge_qwen.load(package)
     prompt = ours.encode_prompt(QUESTION)
     tokens = ours_greedy(ours, prompt, NEW_TOKENS)
     assert "Paris" in ours.tokenizer.decode(tokens)
     assert genai_greedy(og.Model(str(package)), prompt, NEW_TOKENS) == tokens
+
+
+def test_genai_answers_with_our_tokens(package: Path) -> None:
+    assert_genai_answers_as_ours(package)
 
 
 def test_optimum_answers_with_our_tokens(package: Path) -> None:
@@ -81,11 +86,7 @@ def test_optimum_answers_with_our_tokens(package: Path) -> None:
 
 
 def test_genai_builder_package_answers_the_same_in_edge_qwen(genai_builder_int4: Path) -> None:
-    ours = edge_qwen.load(genai_builder_int4)
-    prompt = ours.encode_prompt(QUESTION)
-    tokens = ours_greedy(ours, prompt, NEW_TOKENS)
-    assert "Paris" in ours.tokenizer.decode(tokens)
-    assert genai_greedy(og.Model(str(genai_builder_int4)), prompt, NEW_TOKENS) == tokens
+    assert_genai_answers_as_ours(genai_builder_int4)
     runner = CliRunner()
     assert runner.invoke(cli, ["info", str(genai_builder_int4)]).exit_code == 0
     bench = runner.invoke(
